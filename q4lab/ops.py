@@ -1,0 +1,200 @@
+"""Torch front end: ``q4lab.quantize_4bit`` / ``dequantize_4bit`` / ``backends()``.
+
+Argument checks happen here once, for every backend; then the work goes to
+- "reference": the NumPy specification (``q4lab.reference``), on the host;
+- "cpu" / "cuda": the native kernels ``torch.ops.q4lab.*`` (``csrc/``, JIT-built by ``_build``,
+  wrapped by ``_kernels``), which reproduce the reference bit for bit.
+"auto" picks CUDA for CUDA tensors and the C++ kernel for CPU tensors, and falls back to the
+reference with one warning if the kernels cannot be built. Storage is bitsandbytes' layout
+(``functional.py::quantize_4bit``): packed uint8 (ceil(n/2),), high nibble first.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from . import reference as ref
+from .reference.api import check_blocksize, check_quant_type
+from .state import QuantState
+
+TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_OF_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+_warned_fallback = False
+
+
+def _kernels():
+    from . import _kernels  # imported lazily: building the extension is deferred to first use
+
+    return _kernels
+
+
+def backends() -> dict:
+    """Which backends work here: {"reference": True, "cpu": True | "why not", "cuda": ...}."""
+    out = {"reference": True}
+    for device_type in ("cpu", "cuda"):
+        try:
+            out[device_type] = _kernels().available(device_type)
+        except Exception as exc:  # the import itself may fail on exotic setups
+            out[device_type] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run for a tensor on ``device``."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; use one of {BACKENDS}")
+    if backend == "reference":
+        return backend
+    wanted = device.type if backend == "auto" else backend
+    if wanted != device.type:
+        raise ValueError(f"backend={backend!r} cannot run on a tensor on {device}")
+    if wanted not in ("cpu", "cuda"):
+        if backend == "auto":
+            return "reference"
+        raise ValueError(f"no native kernel for device type {device.type!r}")
+    status = _kernels().available(wanted)
+    if status is True:
+        return wanted
+    if backend != "auto":
+        raise RuntimeError(f"q4lab {wanted} kernels are not available: {status}")
+    if not _warned_fallback:
+        warnings.warn(f"q4lab native kernels unavailable ({status}); using the NumPy reference "
+                      f"(same results, slower)", RuntimeWarning, stacklevel=3)
+        _warned_fallback = True
+    return "reference"
+
+
+def _check_input(w) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}; for NumPy arrays use "
+                        f"q4lab.reference.quantize_4bit")
+    if w.dtype not in TORCH_DTYPES:
+        raise TypeError(f"input dtype {w.dtype} is not supported; 4-bit quantization takes "
+                        f"float32, float16 or bfloat16 (convert explicitly first)")
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+
+
+def _raise_non_finite(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> None:
+    """Kernels propagate NaN/Inf into absmax; name the first bad block and element."""
+    bad_blocks = (~torch.isfinite(absmax)).nonzero()
+    if bad_blocks.numel() == 0:
+        return
+    b = int(bad_blocks[0])
+    block = flat[b * blocksize:(b + 1) * blocksize].float()
+    j = int((~torch.isfinite(block)).nonzero()[0])
+    kind = "NaN" if torch.isnan(block[j]) else "Inf"
+    raise ValueError(f"input contains {kind} at flat index {b * blocksize + j} (block {b}); "
+                     f"4-bit quantization needs finite values")
+
+
+def _nested_state(nblocks: int, absmax2, device) -> QuantState:
+    return QuantState(shape=(nblocks,), dtype="float32", blocksize=256, quant_type="dynamic",
+                      code=_table("dynamic", device), absmax=absmax2)
+
+
+_TABLES: dict = {}
+
+
+def _table(name: str, device) -> torch.Tensor:
+    """Shared codebook tensors, one per (name, device): states point at them, never copy them."""
+    key = (name, str(device))
+    if key not in _TABLES:
+        values = ref.dynamic_map() if name == "dynamic" else ref.codebook(name)
+        _TABLES[key] = torch.from_numpy(values).to(device)
+    return _TABLES[key]
+
+
+def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                  double_quant: bool = True, backend: str = "auto", offset=None):
+    """Quantize a tensor to 4 bits. Returns ``(packed, state)``: packed uint8 of length
+    ceil(n/2) on ``w``'s device, and a :class:`QuantState` with torch tensors on that device.
+    ``offset`` (double quant only) replaces the computed mean of the absmax values, e.g. a
+    bitsandbytes checkpoint's ``nested_offset``."""
+    _check_input(w)
+    blocksize = check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if offset is not None and not double_quant:
+        raise ValueError("offset is only meaningful with double_quant=True")
+    which = resolve_backend(backend, w.device)
+    dtype = TORCH_DTYPES[w.dtype]
+    if which == "reference":
+        flat = w.detach().reshape(-1).to("cpu", torch.float32).numpy()
+        packed, state = ref.quantize_4bit(flat, blocksize, quant_type, double_quant,
+                                          offset=None if offset is None else _as_f32(offset),
+                                          dtype=dtype)
+        state.shape = tuple(w.shape)
+        state = state.to(w.device)
+        state.code = _table(quant_type, w.device)
+        if state.nested:
+            state.state2.code = _table("dynamic", w.device)
+        return torch.from_numpy(packed).to(w.device), state
+    k = _kernels()
+    flat = w.detach().contiguous().reshape(-1)
+    packed, absmax = k.quantize_4bit(flat, blocksize, quant_type)
+    _raise_non_finite(flat, absmax, blocksize)
+    state = QuantState(shape=tuple(w.shape), dtype=dtype, blocksize=blocksize,
+                       quant_type=quant_type, code=_table(quant_type, w.device), absmax=absmax)
+    if double_quant:
+        given = None if offset is None else torch.tensor(_as_f32(offset), device=w.device)
+        codes, absmax2, off = k.quantize_absmax(absmax, given)
+        state.absmax, state.offset = codes, off
+        state.state2 = _nested_state(absmax.numel(), absmax2, w.device)
+    return packed, state
+
+
+def _as_f32(offset) -> np.float32:
+    value = offset.item() if hasattr(offset, "item") else offset
+    return np.float32(value)
+
+
+def absmax_of(state: QuantState, backend: str = "auto") -> torch.Tensor:
+    """The float32 absmax per block of a torch state (decoded from nested codes if needed)."""
+    if not state.nested:
+        return state.absmax.float()
+    which = resolve_backend(backend, state.absmax.device)
+    if which == "reference":
+        values = ref.state_absmax(state.numpy())
+        return torch.from_numpy(values).to(state.absmax.device)
+    return _kernels().dequantize_absmax(state.absmax, state.state2.absmax,
+                                        state.offset.reshape(()).float())
+
+
+def check_state(packed: torch.Tensor, state: QuantState) -> None:
+    """Raise a clear error when ``packed`` and ``state`` do not belong together."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"expected a q4lab QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"packed data must be a uint8 tensor, got "
+                        f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    state.validate(packed)
+    tensors = [state.absmax] + ([state.state2.absmax, state.offset] if state.nested else [])
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device != packed.device:
+            raise ValueError(f"state tensors are on {t.device} but packed data is on "
+                             f"{packed.device}; move both with state.to(device)")
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Dequantize to a tensor of ``state.shape`` in ``dtype`` (default: the original dtype)."""
+    if not state.is_torch:
+        state = state.to(packed.device)
+    check_state(packed, state)
+    dtype = dtype or DTYPE_OF_NAME[state.dtype]
+    if isinstance(dtype, str):
+        dtype = DTYPE_OF_NAME[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise TypeError(f"dtype {dtype} is not one of {list(TORCH_DTYPES)}")
+    which = resolve_backend(backend, packed.device)
+    if which == "reference":
+        out = ref.dequantize_4bit(packed.cpu().numpy(), state.numpy(), "float32")
+        return torch.from_numpy(out).to(packed.device).to(dtype)  # float32 -> RNE fp16/bf16
+    absmax = absmax_of(state, which)
+    out = _kernels().dequantize_4bit(packed.reshape(-1), absmax, state.blocksize,
+                                     state.quant_type, state.numel, dtype)
+    return out.reshape(state.shape)

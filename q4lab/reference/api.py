@@ -1,0 +1,123 @@
+"""``quantize_4bit`` / ``dequantize_4bit`` on NumPy arrays: the executable specification.
+
+Mirrors bitsandbytes ``functional.py::quantize_4bit`` / ``dequantize_4bit`` (same outputs, same
+QuantState fields), with q4lab's exact rounding rules (DESIGN.md §4; see ``blockwise`` and
+``double_quant`` for each step). Input checks live here too, so every backend rejects the same
+inputs with the same messages.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..state import DTYPES, QUANT_TYPES, QuantState
+from .blockwise import BLOCKSIZES, decode, quantize_blocks, unpack_nibbles
+from .codebooks import codebook, dynamic_map
+from .double_quant import NESTED_BLOCKSIZE, dequantize_absmax, quantize_absmax
+
+F32 = np.float32
+
+
+def check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)) \
+            or int(blocksize) not in BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r} is not supported; use one of {BLOCKSIZES}")
+    return int(blocksize)
+
+
+def check_quant_type(quant_type) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is unknown; use one of {QUANT_TYPES}")
+    return quant_type
+
+
+def check_finite(flat: np.ndarray, blocksize: int) -> None:
+    """NaN or Inf anywhere is an error naming the first bad block and element (DESIGN.md §4.9)."""
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "NaN" if np.isnan(flat[i]) else "Inf"
+        raise ValueError(
+            f"input contains {kind} at flat index {i} (block {i // blocksize}); "
+            f"4-bit quantization needs finite values"
+        )
+
+
+def as_float32(x, dtype: str | None = None) -> tuple[np.ndarray, str]:
+    """Flatten row-major and convert to float32 exactly. Accepts float32/float16 arrays (and
+    ml_dtypes bfloat16). ``dtype`` overrides the recorded original dtype (the torch front end passes
+    'bfloat16' for bf16 tensors it has already converted to float32 exactly)."""
+    a = np.asarray(x)
+    name = a.dtype.name
+    if name not in DTYPES:
+        raise TypeError(
+            f"input dtype {a.dtype} is not supported; 4-bit quantization takes float32, float16 "
+            f"or bfloat16 (convert float64 or integer data explicitly first)"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")
+    return np.ascontiguousarray(a, dtype=F32).reshape(-1), dtype or name
+
+
+def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                  offset=None, dtype: str | None = None):
+    """Quantize an array to packed 4-bit codes. Returns ``(packed, state)``.
+
+    packed: uint8 (ceil(n/2),), element 2j in the high nibble. state: :class:`QuantState` with
+    float32 absmax per block, or (double_quant) uint8 absmax codes + offset + nested state.
+    ``offset`` (double quant only) replaces the computed exact mean, e.g. to reproduce the nested
+    codes of a bitsandbytes checkpoint from its ``nested_offset``.
+    """
+    blocksize = check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    shape = tuple(np.shape(x))
+    flat, dtype = as_float32(x, dtype)
+    if flat.size == 0:
+        raise ValueError(f"cannot quantize an empty array (shape {shape})")
+    check_finite(flat, blocksize)
+    packed, absmax = quantize_blocks(flat, blocksize, quant_type)
+    state = QuantState(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
+                       code=codebook(quant_type), absmax=absmax)
+    if double_quant:
+        codes, absmax2, offset = quantize_absmax(absmax, offset)
+        state.absmax, state.offset = codes, np.asarray(offset, dtype=F32)
+        state.state2 = QuantState(shape=(absmax.size,), dtype="float32",
+                                  blocksize=NESTED_BLOCKSIZE, quant_type="dynamic",
+                                  code=dynamic_map(), absmax=absmax2)
+    elif offset is not None:
+        raise ValueError("offset is only meaningful with double_quant=True")
+    return packed, state
+
+
+def state_absmax(state: QuantState) -> np.ndarray:
+    """The float32 absmax per block: stored as is, or decoded from the nested codes."""
+    if state.nested:
+        return dequantize_absmax(state.absmax, state.state2.absmax, state.offset)
+    return np.asarray(state.absmax, dtype=F32)
+
+
+def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), returned as float32 holding the bf16 values
+    (NumPy has no bfloat16). Finite inputs only."""
+    bits = np.asarray(values, dtype=F32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return rounded.astype(np.uint32).view(F32)
+
+
+def dequantize_4bit(packed, state: QuantState, dtype: str | None = None) -> np.ndarray:
+    """Dequantize to an array of ``state.shape``.
+
+    out = RN(table[code] * absmax) in float32, then rounded to nearest even in ``dtype`` (default
+    ``state.dtype``): float16 as a float16 array, bfloat16 as a float32 array of bf16 values.
+    """
+    state = state.numpy()
+    state.validate(packed)
+    dtype = dtype or state.dtype
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")
+    codes = unpack_nibbles(packed, state.numel)
+    out = decode(codes, state_absmax(state), state.blocksize, state.quant_type)
+    if dtype == "float16":
+        out = out.astype(np.float16)
+    elif dtype == "bfloat16":
+        out = round_to_bfloat16(out)
+    return out.reshape(state.shape)

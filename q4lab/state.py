@@ -1,0 +1,193 @@
+"""QuantState: everything needed to dequantize a packed 4-bit tensor, with bitsandbytes' field names.
+
+Source: bitsandbytes ``functional.py::QuantState`` (fields ``absmax, shape, code, blocksize,
+quant_type, dtype, offset, state2``) and its ``as_dict(packed=True)`` state-dict layout
+(``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``). One class serves both payloads: NumPy arrays (the
+reference) and torch tensors (the front end); this module imports torch only inside the methods
+that convert to or from it, so ``q4lab.reference`` stays importable without torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "bfloat16")
+QUANT_TYPES = ("nf4", "fp4", "int4")
+
+
+def _nbytes(a) -> int:
+    if a is None:
+        return 0
+    if hasattr(a, "nbytes"):
+        return int(a.nbytes)
+    return int(a.numel() * a.element_size())
+
+
+def _numel(a) -> int:
+    return int(a.size if isinstance(a, np.ndarray) else a.numel())
+
+
+@dataclass
+class QuantState:
+    """How to turn packed nibbles back into a tensor.
+
+    shape, dtype      original shape and dtype name ('float32' | 'float16' | 'bfloat16')
+    blocksize         elements per absmax block (32 ... 4096)
+    quant_type        'nf4' | 'fp4' | 'int4' (int4 is q4lab-only, for comparison)
+    code              the 16-entry float32 codebook (shared constant; not counted in nbytes)
+    absmax            float32 per block, or uint8 dynamic-map codes when double-quantized
+    offset            float32 scalar subtracted before double quantization (None if not nested)
+    state2            nested state: absmax = float32 per 256 blocks, code = dynamic map,
+                      blocksize = 256, quant_type = 'dynamic'
+    """
+
+    shape: tuple
+    dtype: str
+    blocksize: int
+    quant_type: str
+    code: Any
+    absmax: Any
+    offset: Any = None
+    state2: "QuantState | None" = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def nested(self) -> bool:
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def is_torch(self) -> bool:
+        return not isinstance(self.absmax, np.ndarray)
+
+    # ---- memory accounting -------------------------------------------------------------
+    def nbytes(self, include_codebooks: bool = False) -> dict:
+        """Bytes actually stored for this state, by part (packed data is not part of the state:
+        see :func:`storage_bytes`). Codebooks are shared constants and counted only on request."""
+        parts = {"absmax": _nbytes(self.absmax)}
+        if self.nested:
+            parts["nested_absmax"] = _nbytes(self.state2.absmax)
+            parts["offset"] = 4
+        if include_codebooks:
+            parts["quant_map"] = _nbytes(self.code)
+            if self.nested:
+                parts["nested_quant_map"] = _nbytes(self.state2.code)
+        return parts
+
+    def validate(self, packed=None) -> None:
+        """Raise ValueError naming the first inconsistency between this state and ``packed``."""
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"state.blocksize={self.blocksize} is not one of 32, 64, ..., 4096")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"state.quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"state.dtype={self.dtype!r} is not one of {DTYPES}")
+        if _numel(self.absmax) != self.nblocks:
+            raise ValueError(
+                f"state has {_numel(self.absmax)} absmax values but shape {tuple(self.shape)} at "
+                f"blocksize {self.blocksize} needs {self.nblocks}"
+            )
+        if self.nested:
+            groups = -(-self.nblocks // 256)
+            if _numel(self.state2.absmax) != groups or self.offset is None:
+                raise ValueError(
+                    f"nested state needs {groups} nested absmax values and an offset, got "
+                    f"{_numel(self.state2.absmax)} and offset={self.offset!r}"
+                )
+        if packed is not None:
+            need = -(-self.numel // 2)
+            have = _numel(packed)
+            if have != need:
+                raise ValueError(
+                    f"packed data has {have} bytes but state shape {tuple(self.shape)} needs {need}"
+                )
+
+    # ---- conversions -------------------------------------------------------------------
+    def to(self, device=None) -> "QuantState":
+        """A copy whose arrays are torch tensors on ``device`` (from NumPy or another device)."""
+        import torch
+
+        def conv(a):
+            if a is None:
+                return None
+            t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+            return t.to(device) if device is not None else t
+
+        nested = self.state2.to(device) if self.state2 is not None else None
+        return replace(self, code=conv(self.code), absmax=conv(self.absmax),
+                       offset=conv(self._offset_array()), state2=nested)
+
+    def numpy(self) -> "QuantState":
+        """A copy whose arrays are NumPy arrays on the host."""
+
+        def conv(a):
+            if a is None or isinstance(a, np.ndarray):
+                return a
+            return a.detach().cpu().numpy()
+
+        nested = self.state2.numpy() if self.state2 is not None else None
+        return replace(self, code=conv(self.code), absmax=conv(self.absmax),
+                       offset=conv(self._offset_array()), state2=nested)
+
+    def _offset_array(self):
+        if self.offset is None or not isinstance(self.offset, (float, np.floating)):
+            return self.offset
+        return np.asarray(self.offset, dtype=np.float32)
+
+    @property
+    def offset_value(self) -> float:
+        """The offset as a Python float (exact: float32 -> float64)."""
+        o = self.offset
+        return float(o.item() if hasattr(o, "item") else o)
+
+    def bnb_json(self) -> dict:
+        """The non-tensor items as bitsandbytes serializes them (``quant_state.bitsandbytes__*``)."""
+        d = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": self.dtype,
+             "shape": list(self.shape)}
+        if self.nested:
+            d.update(nested_blocksize=256, nested_dtype="float32", nested_offset=self.offset_value)
+        return d
+
+    # ---- display -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        kind = "torch" if self.is_torch else "numpy"
+        dq = f", nested (offset={self.offset_value:.6g})" if self.nested else ""
+        return (f"QuantState({self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+                f"blocksize={self.blocksize}, {self.nblocks} blocks{dq}, {kind})")
+
+    def _repr_html_(self) -> str:
+        total = storage_bytes(self)
+        rows = [("quant type", self.quant_type), ("shape", tuple(self.shape)),
+                ("original dtype", self.dtype), ("blocksize", self.blocksize),
+                ("blocks", f"{self.nblocks:,}"),
+                ("double quant", f"yes, offset {self.offset_value:.7g}" if self.nested else "no")]
+        rows += [(f"bytes: {k}", f"{v:,}") for k, v in total.items()]
+        rows.append(("bits / param", f"{bits_per_param(self):.4f}"))
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        return f"<table><caption>q4lab QuantState</caption>{body}</table>"
+
+
+def storage_bytes(state: QuantState) -> dict:
+    """Bytes stored for one quantized tensor, by part: packed codes (ceil(n/2)), absmax (float32
+    per block, or uint8 codes when nested), nested absmax (float32 per 256 blocks) and the float32
+    offset. The codebooks are shared constants and are not counted (bitsandbytes also writes a
+    64-byte quant_map and a 1 KiB nested_quant_map per layer into its state dict)."""
+    return {"packed": -(-state.numel // 2), **state.nbytes()}
+
+
+def bits_per_param(state: QuantState) -> float:
+    """Storage bits per parameter from the actual bytes: 8 * sum(storage_bytes) / numel.
+    4096x4096 NF4 at blocksize 64: 4.5 without double quant, 4.127 with it (QLoRA §3)."""
+    return 8.0 * sum(storage_bytes(state).values()) / state.numel
