@@ -20,6 +20,27 @@ DTYPES = ("float32", "float16", "bfloat16")
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
+class DtypeName(str):
+    """A dtype name ('float32', 'float16', 'bfloat16') that also equals the torch dtype of that
+    name, so ``state.dtype == torch.bfloat16`` and ``state.dtype == "bfloat16"`` both hold."""
+
+    def __eq__(self, other):
+        if type(other).__name__ == "dtype" and str(other).startswith("torch."):
+            other = str(other)[len("torch."):]
+        return str.__eq__(self, other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+    @property
+    def torch(self):
+        import torch
+
+        return getattr(torch, str(self))
+
+
 def _nbytes(a) -> int:
     if a is None:
         return 0
@@ -55,6 +76,13 @@ class QuantState:
     offset: Any = None
     state2: "QuantState | None" = None
     extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        self.blocksize = int(self.blocksize)
+        if self.dtype is not None:
+            name = str(self.dtype).replace("torch.", "")
+            self.dtype = DtypeName(name)
 
     @property
     def nested(self) -> bool:

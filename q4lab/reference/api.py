@@ -46,7 +46,13 @@ def as_float32(x, dtype: str | None = None) -> tuple[np.ndarray, str]:
     """Flatten row-major and convert to float32 exactly. Accepts float32/float16 arrays (and
     ml_dtypes bfloat16). ``dtype`` overrides the recorded original dtype (the torch front end passes
     'bfloat16' for bf16 tensors it has already converted to float32 exactly)."""
-    a = np.asarray(x)
+    if type(x).__module__.startswith("torch"):  # a torch tensor: convert without importing torch
+        name = str(x.dtype).replace("torch.", "")
+        a, dtype = x.detach().cpu().float().numpy(), dtype or (name if name in DTYPES else None)
+        if name not in DTYPES:
+            raise TypeError(f"input dtype {x.dtype} is not supported; 4-bit quantization takes "
+                            f"float32, float16 or bfloat16")
+    a = np.asarray(x) if not type(x).__module__.startswith("torch") else a
     name = a.dtype.name
     if name not in DTYPES:
         raise TypeError(
@@ -103,15 +109,16 @@ def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint32).view(F32)
 
 
-def dequantize_4bit(packed, state: QuantState, dtype: str | None = None) -> np.ndarray:
+def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.ndarray:
     """Dequantize to an array of ``state.shape``.
 
-    out = RN(table[code] * absmax) in float32, then rounded to nearest even in ``dtype`` (default
-    ``state.dtype``): float16 as a float16 array, bfloat16 as a float32 array of bf16 values.
+    out = RN(table[code] * absmax) in float32 (the default, returned as is); with ``dtype`` =
+    'float16' rounded to nearest even as a float16 array, with 'bfloat16' as a float32 array of the
+    bf16 values (NumPy has no bfloat16). ``dtype=None`` means the state's original dtype.
     """
     state = state.numpy()
     state.validate(packed)
-    dtype = dtype or state.dtype
+    dtype = str(dtype or state.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")
     codes = unpack_nibbles(packed, state.numel)
