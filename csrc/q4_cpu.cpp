@@ -1,0 +1,364 @@
+// q4_cpu.cpp: the torch.ops.q4lab schemas (TORCH_LIBRARY) and their CPU implementation.
+//
+// Same steps as q4lab/reference (DESIGN.md section 4), with the per-element math from q4_element.h:
+//   quantize_4bit      blockwise absmax -> reciprocal -> scale -> encode -> pack
+//                      (bitsandbytes functional.py::quantize_4bit, kernels.cu::kQuantizeBlockwise)
+//   quantize_absmax    exact-mean offset -> center -> absmax per 256 -> scale -> 8-bit code
+//                      (QLoRA section 3 "Double Quantization"; bnb quantize_4bit(compress_statistics))
+//   dequantize_absmax  absmax = RN(RN(dyn[q] * absmax2) + offset)
+//   dequantize_4bit    out = RN(table[code] * absmax), then RNE to fp16/bf16
+// Blocks are independent: parallel_chunks hands runs of whole blocks to at::parallel_for's threads,
+// and the loops inside a block are fixed-trip loops the compiler vectorizes (-O3 -march=native
+// -ffp-contract=off, never -ffast-math; check with -fopt-info-vec). On AVX2 machines two inner loops
+// use the intrinsics of q4_cpu_avx2.h (same results). Each op also has an `_out` form writing into
+// given tensors (the tests poison those buffers to prove every byte is written). Indexing is 64-bit.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <atomic>
+#include <cstring>
+#include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include "q4_checks.h"
+#include "q4_cpu_avx2.h"
+
+namespace q4lab {
+namespace {
+
+constexpr int64_t kMaxBlock = 4096;
+
+// at::empty, plus (Linux) a transparent-huge-page hint for outputs of 4 MiB and more, given before
+// the first write: a fresh 32 MiB output otherwise costs 8192 page faults, which on a VM take
+// longer than the dequantization itself. The values written are unaffected.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (t.nbytes() >= (4u << 20) && last > first)
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+#endif
+  return t;
+}
+constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, about 128 KiB of float32
+
+// Run fn(first, last) over [0, n) in chunks of `chunk` items, handed out dynamically: a thread that
+// is descheduled on a busy machine does not hold up a fixed share of the work (at::parallel_for
+// alone splits the range statically, one piece per thread).
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& fn) {
+  const int64_t nchunks = ceil_div(n, chunk);
+  if (nchunks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), nchunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+      fn(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
+struct LoadF32 { using T = float; static float f32(float v) { return v; } };
+struct LoadF16 { using T = uint16_t; static float f32(uint16_t v) { return q4_f16_to_f32(v); } };
+struct LoadBF16 { using T = uint16_t; static float f32(uint16_t v) { return q4_bf16_to_f32(v); } };
+
+// Steps 4-6 for 32 scaled elements (blocksizes are multiples of 32): fixed-trip loops that the
+// compiler vectorizes. `v` holds the float32 inputs, `out` gets 16 packed bytes. With AVX2, nf4 and
+// int4 use the 4-compare binary search of q4_cpu_avx2.h (same counts, see there).
+constexpr int kSub = 32;
+
+struct Encoder {
+  const Q4Codebook& cb;
+  float t[Q4_MAX_THRESHOLDS];  // a local copy: the compiler keeps it in registers
+#if defined(__AVX2__)
+  Q4TreeAvx2 tree;
+  explicit Encoder(const Q4Codebook& c) : cb(c), tree(c.threshold) { copy(); }
+#else
+  explicit Encoder(const Q4Codebook& c) : cb(c) { copy(); }
+#endif
+  void copy() { for (int k = 0; k < Q4_MAX_THRESHOLDS; ++k) t[k] = cb.threshold[k]; }
+};
+
+template <bool kFP4>
+inline void encode_pack32(const float* v, Q4Scale s, const Encoder& enc, uint8_t* out) {
+  if (kFP4) {
+    uint8_t code[kSub];
+    for (int i = 0; i < kSub; ++i) {
+      const float xn = q4_scale(v[i], s);
+      code[i] = (uint8_t)q4_count_below(enc.t, xn < 0.0f ? -xn : xn);
+    }
+    for (int i = 0; i < kSub; ++i)
+      code[i] = (uint8_t)(enc.cb.code_of_rank[code[i]] | (v[i] < 0.0f ? 8u : 0u));
+    for (int j = 0; j < kSub / 2; ++j) out[j] = q4_pack(code[2 * j], code[2 * j + 1]);
+    return;
+  }
+#if defined(__AVX2__)
+  encode_pack32_avx2(v, s, enc.tree, out);
+#else
+  uint32_t code[kSub];  // 32-bit counts: the compare masks add up without narrowing
+  for (int i = 0; i < kSub; ++i) code[i] = q4_count_below(enc.t, q4_scale(v[i], s));
+  for (int j = 0; j < kSub / 2; ++j) out[j] = q4_pack(code[2 * j], code[2 * j + 1]);
+#endif
+}
+
+// Steps 1-6 for one block of `valid` (<= blocksize) elements; `packed` gets ceil(valid / 2) bytes.
+// A short tail block is copied into a zero-padded buffer first (padding encodes to the zero code,
+// which is also the pad nibble of an odd n).
+template <class Load, bool kFP4>
+void quantize_block(const typename Load::T* x, int64_t valid, int64_t blocksize,
+                    const Encoder& enc, uint8_t* packed, float* absmax_out) {
+  if (valid < blocksize) {
+    alignas(64) float buf[kMaxBlock];
+    alignas(64) uint8_t bytes[kMaxBlock / 2];
+    for (int64_t i = 0; i < valid; ++i) buf[i] = Load::f32(x[i]);
+    for (int64_t i = valid; i < blocksize; ++i) buf[i] = 0.0f;
+    quantize_block<LoadF32, kFP4>(buf, blocksize, blocksize, enc, bytes, absmax_out);
+    for (int64_t j = 0; j < (valid + 1) / 2; ++j) packed[j] = bytes[j];
+    return;
+  }
+  uint32_t max_bits = 0;
+  for (int64_t u = 0; u < blocksize; u += kSub)
+    for (int i = 0; i < kSub; ++i) max_bits = q4_max_bits(max_bits, q4_abs_bits(Load::f32(x[u + i])));
+  const float absmax = q4_float(max_bits);
+  *absmax_out = absmax;
+  const Q4Scale s = q4_reciprocal_scale(absmax);
+  alignas(64) float v[kSub];
+  for (int64_t u = 0; u < blocksize; u += kSub) {
+    for (int i = 0; i < kSub; ++i) v[i] = Load::f32(x[u + i]);
+    encode_pack32<kFP4>(v, s, enc, packed + u / 2);
+  }
+}
+
+template <class Load, bool kFP4>
+void quantize_all(const at::Tensor& flat, int64_t blocksize, const Q4Codebook& cb,
+                  uint8_t* packed, float* absmax) {
+  const auto* x = reinterpret_cast<const typename Load::T*>(flat.data_ptr());
+  const int64_t n = flat.numel(), nblocks = ceil_div(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
+  const Encoder enc(cb);
+  parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t lo = b * blocksize, valid = std::min(blocksize, n - lo);
+      quantize_block<Load, kFP4>(x + lo, valid, blocksize, enc, packed + lo / 2, absmax + b);
+    }
+  });
+}
+
+template <class Load>
+void quantize_dispatch_type(const at::Tensor& flat, int64_t blocksize, const Q4Codebook& cb,
+                            uint8_t* packed, float* absmax) {
+  if (cb.is_fp4) quantize_all<Load, true>(flat, blocksize, cb, packed, absmax);
+  else quantize_all<Load, false>(flat, blocksize, cb, packed, absmax);
+}
+
+void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::string_view quant_type,
+                           at::Tensor& packed, at::Tensor& absmax) {
+  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
+  check_out(packed, "packed", ceil_div(flat.numel(), 2), at::kByte, flat);
+  check_out(absmax, "absmax", nblocks, at::kFloat, flat);
+  auto* p = packed.data_ptr<uint8_t>();
+  auto* a = absmax.data_ptr<float>();
+  switch (flat.scalar_type()) {
+    case at::kFloat: quantize_dispatch_type<LoadF32>(flat, blocksize, cb, p, a); break;
+    case at::kHalf: quantize_dispatch_type<LoadF16>(flat, blocksize, cb, p, a); break;
+    default: quantize_dispatch_type<LoadBF16>(flat, blocksize, cb, p, a); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& flat, int64_t blocksize,
+                                                     c10::string_view quant_type) {
+  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  at::Tensor packed = empty_large({ceil_div(flat.numel(), 2)}, flat.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, flat.options().dtype(at::kFloat));
+  quantize_4bit_out_cpu(flat, blocksize, quant_type, packed, absmax);
+  return {packed, absmax};
+}
+
+// ---- double quantization -------------------------------------------------------------------
+// Offset = exact mean: integer exponent bins per chunk (any split gives the same sums), added up,
+// then rounded once by q4_mean_from_bins.
+float exact_mean_cpu(const float* absmax, int64_t count) {
+  const int64_t chunk = 1 << 16, nchunks = ceil_div(count, chunk);
+  std::vector<uint64_t> partial(nchunks * 256, 0);
+  parallel_chunks(nchunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      uint64_t* bins = partial.data() + c * 256;
+      for (int64_t i = c * chunk; i < std::min(count, (c + 1) * chunk); ++i)
+        bins[q4_bin_of(absmax[i])] += q4_bin_mantissa(absmax[i]);
+    }
+  });
+  uint64_t bins[256] = {0};
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int e = 0; e < 256; ++e) bins[e] += partial[c * 256 + e];
+  TORCH_CHECK(bins[255] == 0, "q4lab: absmax contains NaN or Inf; the offset needs finite values");
+  return q4_mean_from_bins(bins, (uint64_t)count);
+}
+
+void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::Tensor>& offset,
+                             at::Tensor& codes, at::Tensor& absmax2, at::Tensor& offset_out) {
+  check_1d(absmax, "absmax", at::kFloat);
+  const int64_t count = absmax.numel(), ngroups = ceil_div(count, kNestedBlocksize);
+  check_absmax_count(count);
+  check_out(codes, "codes", count, at::kByte, absmax);
+  check_out(absmax2, "absmax2", ngroups, at::kFloat, absmax);
+  check_out(offset_out, "offset", 1, at::kFloat, absmax);
+  const float* a = absmax.data_ptr<float>();
+  float off;
+  if (offset.has_value()) {
+    check_scalar_f32(*offset, "offset");
+    check_same_device(absmax, *offset, "offset");
+    off = offset->contiguous().data_ptr<float>()[0];
+  } else {
+    off = exact_mean_cpu(a, count);
+  }
+  offset_out.data_ptr<float>()[0] = off;
+  const Q4Dynamic dyn = q4_make_dynamic();
+  uint8_t* q = codes.data_ptr<uint8_t>();
+  float* a2 = absmax2.data_ptr<float>();
+  parallel_chunks(ngroups, 16, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g) {
+      const int64_t lo = g * kNestedBlocksize, hi = std::min(count, lo + kNestedBlocksize);
+      float xn[kNestedBlocksize];
+      uint32_t max_bits = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        xn[i - lo] = a[i] - off;  // centered
+        max_bits = q4_max_bits(max_bits, q4_abs_bits(xn[i - lo]));
+      }
+      a2[g] = q4_float(max_bits);
+      const Q4Scale s = q4_reciprocal_scale(a2[g]);
+      for (int64_t i = lo; i < hi; ++i) q[i] = q4_encode_dynamic(dyn, q4_scale(xn[i - lo], s));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cpu(
+    const at::Tensor& absmax, const c10::optional<at::Tensor>& offset) {
+  check_1d(absmax, "absmax", at::kFloat);
+  check_absmax_count(absmax.numel());
+  at::Tensor codes = at::empty({absmax.numel()}, absmax.options().dtype(at::kByte));
+  at::Tensor absmax2 = at::empty({ceil_div(absmax.numel(), kNestedBlocksize)}, absmax.options());
+  at::Tensor off = at::empty({}, absmax.options());
+  quantize_absmax_out_cpu(absmax, offset, codes, absmax2, off);
+  return {codes, absmax2, off};
+}
+
+void dequantize_absmax_out_cpu(const at::Tensor& codes, const at::Tensor& absmax2,
+                               const at::Tensor& offset, at::Tensor& out) {
+  check_dequantize_absmax_args(codes, absmax2, offset);
+  check_out(out, "out", codes.numel(), at::kFloat, codes);
+  const Q4Dynamic dyn = q4_make_dynamic();
+  const uint8_t* q = codes.data_ptr<uint8_t>();
+  const float* a2 = absmax2.data_ptr<float>();
+  const float off = offset.contiguous().data_ptr<float>()[0];
+  float* o = out.data_ptr<float>();
+  parallel_chunks(codes.numel(), kGrainElements, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i)
+      o[i] = q4_decode_absmax(dyn, q[i], a2[i / kNestedBlocksize], off);
+  });
+}
+
+at::Tensor dequantize_absmax_cpu(const at::Tensor& codes, const at::Tensor& absmax2,
+                                 const at::Tensor& offset) {
+  check_dequantize_absmax_args(codes, absmax2, offset);
+  at::Tensor out = at::empty({codes.numel()}, absmax2.options());
+  dequantize_absmax_out_cpu(codes, absmax2, offset, out);
+  return out;
+}
+
+// ---- dequantize ----------------------------------------------------------------------------
+struct StoreF32 { using T = float; static float of(float v) { return v; } };
+struct StoreF16 { using T = uint16_t; static uint16_t of(float v) { return q4_f32_to_f16(v); } };
+struct StoreBF16 { using T = uint16_t; static uint16_t of(float v) { return q4_f32_to_bf16(v); } };
+
+// Per block: the 16 products table[c] * absmax, rounded and converted once, then a byte -> two
+// outputs lookup (the same values an element-wise multiply gives, computed 16 times per block).
+#if defined(__AVX2__)
+inline void lookup_avx2(const uint16_t* level, const uint8_t* p, uint16_t* o) { lookup16_avx2(level, p, o); }
+inline void lookup_avx2(const float* level, const uint8_t* p, float* o) { lookup32_avx2(level, p, o); }
+#endif
+
+template <class Store>
+void dequantize_all(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t n,
+                    const Q4Codebook& cb, typename Store::T* out) {
+  const int64_t nblocks = ceil_div(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
+  parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
+    typename Store::T level[16];
+    for (int64_t b = first; b < last; ++b) {
+      for (int c = 0; c < 16; ++c) level[c] = Store::of(q4_decode(cb, c, absmax[b]));
+      const int64_t lo = b * blocksize, hi = std::min(n, lo + blocksize);
+      const int64_t pairs = (hi - lo) / 2;
+      const uint8_t* p = packed + lo / 2;
+      typename Store::T* o = out + lo;
+      int64_t j = 0;
+#if defined(__AVX2__)
+      for (; j + 16 <= pairs; j += 16) lookup_avx2(level, p + j, o + 2 * j);
+#endif
+      for (; j < pairs; ++j) {
+        o[2 * j] = level[p[j] >> 4];
+        o[2 * j + 1] = level[p[j] & 15];
+      }
+      if ((hi - lo) & 1) o[2 * pairs] = level[p[pairs] >> 4];
+    }
+  });
+}
+
+void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                             c10::string_view quant_type, int64_t n, at::Tensor& out) {
+  check_dequantize_args(packed, absmax, blocksize, n);
+  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
+  check_out(out, "out", n, check_out_dtype(out.scalar_type()), packed);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  switch (out.scalar_type()) {
+    case at::kFloat: dequantize_all<StoreF32>(p, a, blocksize, n, cb, out.data_ptr<float>()); break;
+    case at::kHalf:
+      dequantize_all<StoreF16>(p, a, blocksize, n, cb, reinterpret_cast<uint16_t*>(out.data_ptr()));
+      break;
+    default:
+      dequantize_all<StoreBF16>(p, a, blocksize, n, cb, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  }
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                               c10::string_view quant_type, int64_t n, at::ScalarType dtype) {
+  check_dequantize_args(packed, absmax, blocksize, n);
+  at::Tensor out = empty_large({n}, packed.options().dtype(check_out_dtype(dtype)));
+  dequantize_4bit_out_cpu(packed, absmax, blocksize, quant_type, n, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(q4lab, m) {
+  m.def("quantize_4bit(Tensor flat, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def("quantize_4bit_out(Tensor flat, int blocksize, str quant_type, Tensor(a!) packed, "
+        "Tensor(b!) absmax) -> ()");
+  m.def("quantize_absmax(Tensor absmax, Tensor? offset) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_absmax_out(Tensor absmax, Tensor? offset, Tensor(a!) codes, "
+        "Tensor(b!) absmax2, Tensor(c!) offset_out) -> ()");
+  m.def("dequantize_absmax(Tensor codes, Tensor absmax2, Tensor offset) -> Tensor");
+  m.def("dequantize_absmax_out(Tensor codes, Tensor absmax2, Tensor offset, Tensor(a!) out) -> ()");
+  m.def("dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, int n, "
+        "ScalarType dtype) -> Tensor");
+  m.def("dequantize_4bit_out(Tensor packed, Tensor absmax, int blocksize, str quant_type, int n, "
+        "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(q4lab, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("quantize_4bit_out", &quantize_4bit_out_cpu);
+  m.impl("quantize_absmax", &quantize_absmax_cpu);
+  m.impl("quantize_absmax_out", &quantize_absmax_out_cpu);
+  m.impl("dequantize_absmax", &dequantize_absmax_cpu);
+  m.impl("dequantize_absmax_out", &dequantize_absmax_out_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cpu);
+}
+
+}  // namespace q4lab

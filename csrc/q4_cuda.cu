@@ -1,0 +1,275 @@
+// q4_cuda.cu: CUDA implementation of the torch.ops.q4lab.* ops (schemas in q4_cpu.cpp).
+//
+// The arithmetic is q4_element.h's, shared with the CPU (DESIGN.md section 4), so the bytes equal
+// q4lab/reference's; the layout is bitsandbytes' (kernels.cu::kQuantizeBlockwise: high nibble
+// first, one float32 absmax per block). Differences from bnb's kernels on purpose: built with
+// --fmad=false --ftz=false --prec-div=true and no --use_fast_math (bnb uses fast-math), absmax is a
+// NaN-propagating max over |x| bits, and the double-quant offset is the exact mean (integer
+// exponent bins, q4_mean_from_bins) instead of torch's float32 mean.
+// Launches: grid-stride loops with 64-bit indices; quantize uses one warp per block of `blocksize`
+// elements (absmax by warp shuffle), double quant one warp per group of 256 blocks.
+#include <torch/library.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include "q4_checks.h"
+
+namespace q4lab {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+int64_t grid_for(int64_t work_items) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, kThreads), 65535));
+}
+
+struct LoadF32 { __device__ static float f32(const void* p, int64_t i) { return ((const float*)p)[i]; } };
+struct LoadF16 {
+  __device__ static float f32(const void* p, int64_t i) { return q4_f16_to_f32(((const uint16_t*)p)[i]); }
+};
+struct LoadBF16 {
+  __device__ static float f32(const void* p, int64_t i) { return q4_bf16_to_f32(((const uint16_t*)p)[i]); }
+};
+
+__device__ inline uint32_t warp_max_bits(uint32_t m) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) m = q4_max_bits(m, __shfl_xor_sync(0xffffffffu, m, off));
+  return m;
+}
+
+__device__ inline int64_t global_warp() { return ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp; }
+__device__ inline int64_t warp_count() { return ((int64_t)gridDim.x * blockDim.x) / kWarp; }
+
+// Steps 2-6 (reference/blockwise.py): one warp per block; odd n pads with encode(0) = zero code.
+template <class Load>
+__global__ void quantize_kernel(const void* x, int64_t n, int64_t blocksize, Q4Codebook cb,
+                                uint8_t* packed, float* absmax) {
+  __shared__ Q4Codebook scb;
+  if (threadIdx.x == 0) scb = cb;
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp;
+  const int64_t nblocks = ceil_div(n, blocksize);
+  for (int64_t b = global_warp(); b < nblocks; b += warp_count()) {
+    const int64_t lo = b * blocksize, hi = min(n, lo + blocksize);
+    uint32_t m = 0;
+    for (int64_t i = lo + lane; i < hi; i += kWarp) m = q4_max_bits(m, q4_abs_bits(Load::f32(x, i)));
+    const float a = q4_float(warp_max_bits(m));
+    if (lane == 0) absmax[b] = a;
+    const Q4Scale s = q4_reciprocal_scale(a);
+    for (int64_t j = lo / 2 + lane; j < (hi + 1) / 2; j += kWarp) {
+      const float x0 = Load::f32(x, 2 * j), x1 = 2 * j + 1 < hi ? Load::f32(x, 2 * j + 1) : 0.0f;
+      packed[j] = q4_pack(q4_encode(scb, q4_scale(x0, s), x0), q4_encode(scb, q4_scale(x1, s), x1));
+    }
+  }
+}
+
+// Exact mean, part 1 (reference/double_quant.py::exponent_bins): integer sums per exponent.
+__global__ void exponent_bins_kernel(const float* absmax, int64_t count, unsigned long long* bins) {
+  __shared__ unsigned long long local[256];
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) local[e] = 0;
+  __syncthreads();
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+       i += (int64_t)gridDim.x * blockDim.x)
+    atomicAdd(&local[q4_bin_of(absmax[i])], (unsigned long long)q4_bin_mantissa(absmax[i]));
+  __syncthreads();
+  for (int e = threadIdx.x; e < 256; e += blockDim.x)
+    if (local[e]) atomicAdd(&bins[e], local[e]);
+}
+
+// Part 2: rounded once. Non-finite absmax (bin 255) gives a NaN offset (the CPU op raises).
+__global__ void mean_kernel(const unsigned long long* bins, int64_t count, float* offset) {
+  uint64_t b[256];
+  for (int e = 0; e < 256; ++e) b[e] = bins[e];
+  *offset = b[255] ? q4_float(0x7fc00000u) : q4_mean_from_bins(b, (uint64_t)count);
+}
+
+// Center, absmax per 256, scale, 8-bit code (reference/double_quant.py::quantize_absmax).
+__global__ void quantize_absmax_kernel(const float* absmax, int64_t count, const float* offset,
+                                       Q4Dynamic dyn, uint8_t* codes, float* absmax2) {
+  __shared__ Q4Dynamic sdyn;
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) {
+    sdyn.midpoint[k] = dyn.midpoint[k];
+    sdyn.value[k] = dyn.value[k];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp;
+  const float off = *offset;
+  const int64_t ngroups = ceil_div(count, kNestedBlocksize);
+  for (int64_t g = global_warp(); g < ngroups; g += warp_count()) {
+    const int64_t lo = g * kNestedBlocksize, hi = min(count, lo + kNestedBlocksize);
+    uint32_t m = 0;
+    for (int64_t i = lo + lane; i < hi; i += kWarp) m = q4_max_bits(m, q4_abs_bits(absmax[i] - off));
+    const float a2 = q4_float(warp_max_bits(m));
+    if (lane == 0) absmax2[g] = a2;
+    const Q4Scale s = q4_reciprocal_scale(a2);
+    for (int64_t i = lo + lane; i < hi; i += kWarp) codes[i] = q4_encode_dynamic(sdyn, q4_scale(absmax[i] - off, s));
+  }
+}
+
+__global__ void dequantize_absmax_kernel(const uint8_t* codes, int64_t count, const float* absmax2,
+                                         const float* offset, Q4Dynamic dyn, float* out) {
+  __shared__ float value[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = dyn.value[k];
+  __syncthreads();
+  const float off = *offset;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float scaled = value[codes[i]] * absmax2[i / kNestedBlocksize];
+    out[i] = scaled + off;  // q4_decode_absmax, with the map in shared memory
+  }
+}
+
+struct StoreF32 { __device__ static void at(void* o, int64_t i, float v) { ((float*)o)[i] = v; } };
+struct StoreF16 {
+  __device__ static void at(void* o, int64_t i, float v) { ((uint16_t*)o)[i] = q4_f32_to_f16(v); }
+};
+struct StoreBF16 {
+  __device__ static void at(void* o, int64_t i, float v) { ((uint16_t*)o)[i] = q4_f32_to_bf16(v); }
+};
+
+// One thread per packed byte -> two outputs (the second only when 2j + 1 < n).
+template <class Store>
+__global__ void dequantize_kernel(const uint8_t* packed, const float* absmax, int64_t blocksize,
+                                  int64_t n, Q4Codebook cb, void* out) {
+  __shared__ Q4Codebook scb;
+  if (threadIdx.x == 0) scb = cb;
+  __syncthreads();
+  const int64_t nbytes = ceil_div(n, 2);
+  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < nbytes;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    const uint32_t p = packed[j];
+    const float a = absmax[2 * j / blocksize];  // 2j and 2j + 1 share a block: blocksize is even
+    Store::at(out, 2 * j, q4_decode(scb, p >> 4, a));
+    if (2 * j + 1 < n) Store::at(out, 2 * j + 1, q4_decode(scb, p & 15u, a));
+  }
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void quantize_4bit_out_cuda(const at::Tensor& flat, int64_t blocksize, c10::string_view quant_type,
+                            at::Tensor& packed, at::Tensor& absmax) {
+  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
+  check_out(packed, "packed", ceil_div(flat.numel(), 2), at::kByte, flat);
+  check_out(absmax, "absmax", nblocks, at::kFloat, flat);
+  c10::cuda::CUDAGuard guard(flat.device());
+  const int64_t grid = grid_for(nblocks * kWarp), n = flat.numel();
+  const void* x = flat.data_ptr();
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  float* a = absmax.data_ptr<float>();
+  switch (flat.scalar_type()) {
+    case at::kFloat: quantize_kernel<LoadF32><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
+    case at::kHalf: quantize_kernel<LoadF16><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
+    default: quantize_kernel<LoadBF16><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& flat, int64_t blocksize,
+                                                      c10::string_view quant_type) {
+  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  at::Tensor packed = at::empty({ceil_div(flat.numel(), 2)}, flat.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, flat.options().dtype(at::kFloat));
+  quantize_4bit_out_cuda(flat, blocksize, quant_type, packed, absmax);
+  return {packed, absmax};
+}
+
+void quantize_absmax_out_cuda(const at::Tensor& absmax, const c10::optional<at::Tensor>& offset,
+                              at::Tensor& codes, at::Tensor& absmax2, at::Tensor& offset_out) {
+  check_1d(absmax, "absmax", at::kFloat);
+  const int64_t count = absmax.numel(), ngroups = ceil_div(count, kNestedBlocksize);
+  check_absmax_count(count);
+  check_out(codes, "codes", count, at::kByte, absmax);
+  check_out(absmax2, "absmax2", ngroups, at::kFloat, absmax);
+  check_out(offset_out, "offset", 1, at::kFloat, absmax);
+  c10::cuda::CUDAGuard guard(absmax.device());
+  const float* a = absmax.data_ptr<float>();
+  float* off = offset_out.data_ptr<float>();
+  if (offset.has_value()) {
+    check_scalar_f32(*offset, "offset");
+    check_same_device(absmax, *offset, "offset");
+    offset_out.copy_(offset->reshape(offset_out.sizes()));
+  } else {
+    at::Tensor bins = at::zeros({256}, absmax.options().dtype(at::kLong));
+    auto* b = reinterpret_cast<unsigned long long*>(bins.data_ptr<int64_t>());
+    exponent_bins_kernel<<<grid_for(count), kThreads, 0, stream()>>>(a, count, b);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mean_kernel<<<1, 1, 0, stream()>>>(b, count, off);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  quantize_absmax_kernel<<<grid_for(ngroups * kWarp), kThreads, 0, stream()>>>(
+      a, count, off, q4_make_dynamic(), codes.data_ptr<uint8_t>(), absmax2.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cuda(
+    const at::Tensor& absmax, const c10::optional<at::Tensor>& offset) {
+  check_1d(absmax, "absmax", at::kFloat);
+  check_absmax_count(absmax.numel());
+  at::Tensor codes = at::empty({absmax.numel()}, absmax.options().dtype(at::kByte));
+  at::Tensor absmax2 = at::empty({ceil_div(absmax.numel(), kNestedBlocksize)}, absmax.options());
+  at::Tensor off = at::empty({}, absmax.options());
+  quantize_absmax_out_cuda(absmax, offset, codes, absmax2, off);
+  return {codes, absmax2, off};
+}
+
+void dequantize_absmax_out_cuda(const at::Tensor& codes, const at::Tensor& absmax2,
+                                const at::Tensor& offset, at::Tensor& out) {
+  check_dequantize_absmax_args(codes, absmax2, offset);
+  check_out(out, "out", codes.numel(), at::kFloat, codes);
+  c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor off = offset.contiguous();
+  dequantize_absmax_kernel<<<grid_for(codes.numel()), kThreads, 0, stream()>>>(
+      codes.data_ptr<uint8_t>(), codes.numel(), absmax2.data_ptr<float>(), off.data_ptr<float>(),
+      q4_make_dynamic(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_absmax_cuda(const at::Tensor& codes, const at::Tensor& absmax2,
+                                  const at::Tensor& offset) {
+  check_dequantize_absmax_args(codes, absmax2, offset);
+  at::Tensor out = at::empty({codes.numel()}, absmax2.options());
+  dequantize_absmax_out_cuda(codes, absmax2, offset, out);
+  return out;
+}
+
+void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              c10::string_view quant_type, int64_t n, at::Tensor& out) {
+  check_dequantize_args(packed, absmax, blocksize, n);
+  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
+  check_out(out, "out", n, check_out_dtype(out.scalar_type()), packed);
+  c10::cuda::CUDAGuard guard(packed.device());
+  const int64_t grid = grid_for(ceil_div(n, 2));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* a = absmax.data_ptr<float>();
+  void* o = out.data_ptr();
+  switch (out.scalar_type()) {
+    case at::kFloat: dequantize_kernel<StoreF32><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
+    case at::kHalf: dequantize_kernel<StoreF16><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
+    default: dequantize_kernel<StoreBF16><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                c10::string_view quant_type, int64_t n, at::ScalarType dtype) {
+  check_dequantize_args(packed, absmax, blocksize, n);
+  at::Tensor out = at::empty({n}, packed.options().dtype(check_out_dtype(dtype)));
+  dequantize_4bit_out_cuda(packed, absmax, blocksize, quant_type, n, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(q4lab, CUDA, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cuda);
+  m.impl("quantize_4bit_out", &quantize_4bit_out_cuda);
+  m.impl("quantize_absmax", &quantize_absmax_cuda);
+  m.impl("quantize_absmax_out", &quantize_absmax_out_cuda);
+  m.impl("dequantize_absmax", &dequantize_absmax_cuda);
+  m.impl("dequantize_absmax_out", &dequantize_absmax_out_cuda);
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cuda);
+}
+
+}  // namespace q4lab

@@ -1,0 +1,142 @@
+"""CUDA kernels (``csrc/q4_cuda.cu``) == C++ kernels == NumPy reference, byte for byte.
+
+Needs a CUDA GPU and a CUDA build of torch; skipped cleanly otherwise (the CI machines have none:
+there ``tests/test_cuda_compile.py`` only compiles the source). On a GPU machine run
+``pytest tests/test_kernels_cuda.py``; the >2^31-element test (marked ``slow``) needs about 10 GB of
+free GPU memory and skips itself with a message when there is less.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import q4lab
+from q4lab import _kernels, ops
+from q4lab import reference as ref
+from q4lab.testing import assert_bytes_equal, sample_inputs
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA torch"),
+]
+TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert _kernels.available("cpu") is True
+    status = _kernels.available("cuda")
+    assert status is True, f"CUDA kernels must build on a GPU machine: {status}"
+
+
+def quantize_three_ways(sample):
+    x = np.ascontiguousarray(sample.x, dtype=np.float32)
+    w = torch.from_numpy(x).to(TORCH[sample.dtype])
+    args = (sample.blocksize, sample.quant_type, sample.double_quant)
+    p_ref, s_ref = ref.quantize_4bit(x, *args, dtype=sample.dtype)
+    p_cpu, s_cpu = q4lab.quantize_4bit(w, *args, backend="cpu")
+    p_gpu, s_gpu = q4lab.quantize_4bit(w.cuda(), *args, backend="cuda")
+    return (p_ref, s_ref), (p_cpu, s_cpu), (p_gpu, s_gpu)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: s.name)
+def test_reference_cpu_cuda_identical(sample):
+    (p_ref, s_ref), (p_cpu, s_cpu), (p_gpu, s_gpu) = quantize_three_ways(sample)
+    for name, (p, s) in {"cpu": (p_cpu, s_cpu), "cuda": (p_gpu, s_gpu)}.items():
+        assert_bytes_equal(p_ref, p, f"{name} packed")
+        assert_bytes_equal(s_ref.absmax, s.absmax, f"{name} absmax/codes")
+        if sample.double_quant:
+            assert_bytes_equal(np.asarray(s_ref.offset, np.float32), s.offset.reshape(()),
+                               f"{name} offset")
+            assert_bytes_equal(s_ref.state2.absmax, s.state2.absmax, f"{name} absmax2")
+    for out in ("float32", "float16", "bfloat16"):
+        a = q4lab.dequantize_4bit(p_cpu, s_cpu, dtype=TORCH[out], backend="cpu")
+        b = q4lab.dequantize_4bit(p_gpu, s_gpu, dtype=TORCH[out], backend="cuda")
+        assert_bytes_equal(a, b, f"dequantized {out}")
+
+
+def test_auto_picks_cuda_for_cuda_tensors():
+    assert ops.resolve_backend("auto", torch.device("cuda")) == "cuda"
+    packed, state = q4lab.quantize_4bit(torch.randn(1000, device="cuda"))
+    assert packed.is_cuda and state.absmax.is_cuda
+
+
+def test_offset_given_on_cuda():
+    w = torch.randn(64 * 700)
+    off = 0.0123
+    p_cpu, s_cpu = q4lab.quantize_4bit(w, backend="cpu", offset=off)
+    p_gpu, s_gpu = q4lab.quantize_4bit(w.cuda(), backend="cuda", offset=off)
+    assert_bytes_equal(s_cpu.absmax, s_gpu.absmax, "codes")
+    assert_bytes_equal(s_cpu.state2.absmax, s_gpu.state2.absmax, "absmax2")
+
+
+def test_non_finite_names_block_on_cuda():
+    w = torch.randn(64 * 9, device="cuda")
+    w[64 * 4 + 2] = float("nan")
+    with pytest.raises(ValueError, match=r"block 4"):
+        q4lab.quantize_4bit(w, backend="cuda")
+
+
+@pytest.mark.parametrize("n", [1, 63, 65, 4096 * 5 + 17])
+def test_poisoned_outputs_fully_written_cuda(n):
+    x = torch.randn(n, device="cuda")
+    q = torch.ops.q4lab
+    packed, absmax = q.quantize_4bit(x, 64, "fp4")
+    p2 = torch.full_like(packed, 0xAA)
+    a2 = torch.full((absmax.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32)
+    q.quantize_4bit_out(x, 64, "fp4", p2, a2)
+    assert_bytes_equal(packed, p2, "packed")
+    assert_bytes_equal(absmax, a2, "absmax")
+    codes, absmax2, off = q.quantize_absmax(absmax, None)
+    c3 = torch.full_like(codes, 0xAA)
+    m3 = torch.full((absmax2.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32)
+    o3 = torch.full((4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32).reshape(())
+    q.quantize_absmax_out(absmax, None, c3, m3, o3)
+    for e, g, what in [(codes, c3, "codes"), (absmax2, m3, "absmax2"), (off, o3, "offset")]:
+        assert_bytes_equal(e, g, what)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = q.dequantize_4bit(packed, absmax, 64, "fp4", n, dtype)
+        size = n * out.element_size()
+        o5 = torch.full((size,), 0xAA, dtype=torch.uint8, device="cuda").view(dtype)
+        q.dequantize_4bit_out(packed, absmax, 64, "fp4", n, o5)
+        assert_bytes_equal(out, o5, f"dequantized {dtype}")
+
+
+def test_opcheck_cuda():
+    x = torch.randn(64 * 5 + 3, device="cuda")
+    packed, absmax = torch.ops.q4lab.quantize_4bit(x, 64, "nf4")
+    codes, absmax2, off = torch.ops.q4lab.quantize_absmax(absmax, None)
+    torch.library.opcheck(torch.ops.q4lab.quantize_4bit.default, (x.half(), 64, "nf4"))
+    torch.library.opcheck(torch.ops.q4lab.quantize_absmax.default, (absmax, None))
+    torch.library.opcheck(torch.ops.q4lab.dequantize_absmax.default, (codes, absmax2, off))
+    torch.library.opcheck(torch.ops.q4lab.dequantize_4bit.default,
+                          (packed, absmax, 64, "nf4", x.numel(), torch.float16))
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """64-bit indexing: n = 2^31 + 4099 bf16 elements (4 GiB in, 1 GiB packed, 4 GiB out). The last
+    blocks, where 32-bit indices would have wrapped, are compared with the C++ kernel."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 10 * 2**30:
+        pytest.skip(f"needs ~10 GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    n = 2**31 + 4099
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g)
+    packed, absmax = _kernels.quantize_4bit(w, 64, "nf4")
+    lo = (n - 64 * 1000) // 64 * 64  # whole blocks from here to the end
+    piece = w[lo:].cpu()
+    p_cpu, a_cpu = _kernels.quantize_4bit(piece, 64, "nf4")
+    assert_bytes_equal(p_cpu, packed[lo // 2:], "packed tail")
+    assert_bytes_equal(a_cpu, absmax[lo // 64:], "absmax tail")
+    codes, absmax2, off = _kernels.quantize_absmax(absmax)
+    c_cpu, m_cpu, o_cpu = _kernels.quantize_absmax(absmax.cpu())
+    assert_bytes_equal(o_cpu, off, "offset")
+    assert_bytes_equal(c_cpu, codes, "nested codes")
+    assert_bytes_equal(m_cpu, absmax2, "absmax2")
+    del w
+    out = _kernels.dequantize_4bit(packed, absmax, 64, "nf4", n, torch.bfloat16)
+    want = _kernels.dequantize_4bit(p_cpu, a_cpu, 64, "nf4", n - lo, torch.bfloat16)
+    assert_bytes_equal(want, out[lo:], "dequantized tail")
