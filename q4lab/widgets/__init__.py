@@ -1,0 +1,25 @@
+"""q4lab.widgets: interactive figures for 4-bit quantization (ipywidgets controls driving plotly
+FigureWidgets), each a small class whose controls can be set from Python and whose figure data can
+be read back, so every widget is tested headless (bqplot's habit) and in a real browser.
+
+- ``codebook_explorer()``: NF4 / FP4 / INT4 levels over N(0, 1), NF4 derived from the quantiles
+  (QLoRA §3, bnb ``create_normal_map``).
+- ``block_inspector(weights)``: one block through absmax -> scale -> encode -> pack -> dequant,
+  with the reference's bytes (QLoRA §2, bnb ``kQuantizeBlockwise``).
+- ``error_histograms(model_or_tensor_or_dict)``: quantization error per layer, NF4 / FP4 / INT4,
+  blocksize 32-4096, MSE and SQNR.
+- ``memory_calculator()``: bits/param and GB for 7B-70B models (QLoRA §3 "Double Quantization").
+- ``model_dashboard(model)``: every layer's error and bytes as a heatmap and a table.
+- ``compute_dtype_explorer(weights)``: float32 / float16 / bfloat16 compute of a 4-bit layer.
+"""
+from .block_inspector import BlockInspector, block_inspector
+from .compute_dtype import ComputeDtypeExplorer, compute_dtype_explorer
+from .codebook_explorer import CodebookExplorer, codebook_explorer, nf4_derivation
+from .error_histograms import ErrorHistograms, error_histograms
+from .memory_calculator import MemoryCalculator, memory_calculator, model_memory, tensor_bytes
+from .model_dashboard import ModelDashboard, layer_table, model_dashboard
+
+__all__ = ["codebook_explorer", "block_inspector", "error_histograms", "memory_calculator",
+           "model_dashboard", "compute_dtype_explorer", "ComputeDtypeExplorer", "CodebookExplorer", "BlockInspector", "ErrorHistograms",
+           "MemoryCalculator", "ModelDashboard", "nf4_derivation", "tensor_bytes", "model_memory",
+           "layer_table"]

@@ -1,0 +1,148 @@
+"""``codebook_explorer()``: NF4, FP4 and uniform INT4 levels over the normal density, with NF4's
+equal-probability bins shaded and its derivation from the normal quantiles shown step by step.
+
+Source: QLoRA (arXiv 2305.14314) §3 "4-bit NormalFloat Quantization"; the recipe is bitsandbytes
+``functional.py::create_normal_map(offset=0.9677083, use_extra_value=True)`` as written down in
+``q4lab.reference.codebooks`` (8 positive quantile levels, 7 negative, an exact 0, normalized by the
+largest). :func:`nf4_derivation` follows those steps with any offset; at 0.9677083 it gives exactly
+``ref.nf4_codebook()`` (tested byte for byte).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+from .. import reference as ref
+from ..reference.codebooks import NF4_OFFSET, torch_linspace_f32
+from ._common import F32, WidgetBase, html_table, new_figure, updating
+
+OFFSET_RANGE = (0.90, 0.995)
+
+
+def nf4_derivation(offset: float = NF4_OFFSET) -> dict:
+    """The NF4 recipe step by step for a given ``offset`` (probability of the largest level).
+
+    p_pos = linspace_f32(offset, 0.5, 9)[:-1], p_neg = linspace_f32(offset, 0.5, 8)[:-1];
+    z = norm.ppf(p) in float64; the 15 values and an exact 0 as float32, sorted; divided (float32)
+    by the largest. Returns every intermediate array plus ``levels`` (16 float32, ascending)."""
+    offset = float(offset)
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset={offset} must lie strictly between 0.5 and 1 (a probability "
+                         f"above the median, below 1 where norm.ppf is infinite)")
+    p_pos = torch_linspace_f32(offset, 0.5, 9)[:-1]
+    p_neg = torch_linspace_f32(offset, 0.5, 8)[:-1]
+    z_pos = norm.ppf(p_pos.astype(np.float64))
+    z_neg = -norm.ppf(p_neg.astype(np.float64))
+    raw = np.sort(np.concatenate([z_pos, z_neg, [0.0]]).astype(F32))
+    scale = raw.max()
+    levels = (raw / scale).astype(F32)
+    return {"offset": offset, "p_pos": p_pos, "p_neg": p_neg, "z_pos": z_pos, "z_neg": z_neg,
+            "raw": raw, "scale": F32(scale), "levels": levels}
+
+
+def density_curve(scale: float, points: int = 401) -> tuple[np.ndarray, np.ndarray]:
+    """x in [-1.1, 1.1] and the N(0, 1) density in normalized units: weights w ~ N(0, 1) seen as
+    w / scale, so the density is scale * pdf(x * scale)."""
+    x = np.linspace(-1.1, 1.1, points)
+    return x, scale * norm.pdf(x * scale)
+
+
+def bin_shapes(levels: np.ndarray, scale: float) -> list[tuple[float, float, float]]:
+    """(left, right, probability mass) between neighbouring NF4 levels: equal on each side,
+    (offset - 0.5)/8 above 0 and (offset - 0.5)/7 below (the quantile steps)."""
+    edges = np.asarray(levels, dtype=np.float64)
+    cdf = norm.cdf(edges * scale)
+    return [(edges[i], edges[i + 1], cdf[i + 1] - cdf[i]) for i in range(edges.size - 1)]
+
+
+class CodebookExplorer(WidgetBase):
+    """Drive it from Python: ``ex.offset.value = 0.95`` recomputes the NF4 levels and the figure;
+    ``ex.levels`` holds the current NF4 table; ``ex.fig.data`` the traces."""
+
+    def __init__(self, offset: float = NF4_OFFSET):
+        import ipywidgets as W
+
+        self.offset = W.FloatSlider(value=offset, min=OFFSET_RANGE[0], max=OFFSET_RANGE[1],
+                                    step=1e-7, readout_format=".7f", description="NF4 offset",
+                                    continuous_update=False, layout=W.Layout(width="480px"),
+                                    style={"description_width": "90px"})
+        self.show_fp4 = W.Checkbox(value=True, description="FP4 levels")
+        self.show_int4 = W.Checkbox(value=True, description="uniform INT4 levels")
+        self.reset = W.Button(description="bnb offset 0.9677083")
+        self.steps = W.HTML()
+        self.fig = new_figure(title="4-bit codebooks over the normal density",
+                              xaxis_title="normalized weight (w / absmax)",
+                              yaxis_title="density", height=420)
+        for w in (self.offset, self.show_fp4, self.show_int4):
+            w.observe(lambda _change: self.update(), names="value")
+        self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))
+        self.widget = W.VBox([W.HBox([self.offset, self.reset]),
+                              W.HBox([self.show_fp4, self.show_int4]), self.fig, self.steps])
+        self.update()
+
+    def update(self) -> None:
+        """Recompute everything from the controls and redraw (one batched, re-synced update)."""
+        d = nf4_derivation(self.offset.value)
+        self.levels = d["levels"]
+        traces = self._traces(d)
+        with updating(self.fig):
+            self.fig.data = []
+            self.fig.add_traces(traces)
+            self.fig.layout.title.text = (f"NF4 at offset {d['offset']:.7f}: "
+                                          f"{self._match_text(d['levels'])}")
+        self.steps.value = self._steps_html(d)
+
+    def _traces(self, d: dict) -> list:
+        import plotly.graph_objects as go
+
+        scale = float(d["scale"])
+        x, y = density_curve(scale)
+        traces = []
+        for i, (lo, hi, mass) in enumerate(bin_shapes(d["levels"], scale)):
+            xs = np.linspace(lo, hi, 40)
+            traces.append(go.Scatter(x=xs, y=scale * norm.pdf(xs * scale), fill="tozeroy",
+                                     mode="none", showlegend=i == 0, legendgroup="bins",
+                                     name="NF4 bins (equal mass per side)",
+                                     fillcolor=("rgba(31,119,180,0.25)" if i % 2 else
+                                                "rgba(31,119,180,0.10)"),
+                                     hovertemplate=f"mass {mass:.5f}<extra></extra>"))
+        traces.append(go.Scatter(x=x, y=y, name="N(0,1) / max level", line=dict(color="black")))
+        traces.append(self._levels_trace("NF4", d["levels"], 0.0, "#1f77b4"))
+        if self.show_fp4.value:
+            traces.append(self._levels_trace("FP4", np.sort(ref.fp4_codebook()), -0.03, "#d62728"))
+        if self.show_int4.value:
+            traces.append(self._levels_trace("INT4 (uniform)", ref.int4_codebook()[:15], -0.06,
+                                             "#2ca02c"))
+        return traces
+
+    @staticmethod
+    def _levels_trace(name: str, levels: np.ndarray, y: float, color: str):
+        import plotly.graph_objects as go
+
+        v = np.asarray(levels, dtype=np.float64)
+        return go.Scatter(x=v, y=np.full(v.size, y), mode="markers", name=name,
+                          marker=dict(symbol="line-ns-open", size=16, color=color,
+                                      line=dict(width=2, color=color)),
+                          hovertemplate="%{x:.7f}<extra>" + name + "</extra>")
+
+    @staticmethod
+    def _match_text(levels: np.ndarray) -> str:
+        same = np.array_equal(levels.view(np.uint32), ref.nf4_codebook().view(np.uint32))
+        return "bit-identical to the shipped NF4 table" if same else "differs from the shipped table"
+
+    @staticmethod
+    def _steps_html(d: dict) -> str:
+        rows = [(f"p = {p:.7f}", f"z = ppf(p) = {z:+.7f}") for p, z in zip(d["p_pos"], d["z_pos"])]
+        rows += [(f"p = {p:.7f}", f"z = -ppf(p) = {z:+.7f}") for p, z in zip(d["p_neg"], d["z_neg"])]
+        steps = html_table(rows, ("1. quantile level (float32 linspace)", "2. normal quantile"),
+                           "Steps 1-2: 8 levels linspace(offset, 0.5, 9)[:-1] above zero, "
+                           "7 levels linspace(offset, 0.5, 8)[:-1] below")
+        levels = ", ".join(f"{v:+.7f}" for v in d["levels"])
+        return (steps + f"<p><b>3.</b> add an exact 0, sort, divide by the largest "
+                f"z = {float(d['scale']):.7f} (float32):</p><p style='font-family:monospace'>"
+                f"[{levels}]</p>")
+
+
+def codebook_explorer(offset: float = NF4_OFFSET) -> CodebookExplorer:
+    """Build the explorer; display ``.widget`` (the notebook shows it when it is the cell's value)."""
+    return CodebookExplorer(offset)

@@ -1,0 +1,120 @@
+"""``error_histograms(model_or_tensor_or_dict)``: per-layer histograms of the quantization error
+for NF4 / FP4 / INT4 at blocksizes 32-4096, with MSE and SQNR readouts, and the MSE-vs-blocksize
+curve of the chosen layer.
+
+Source: QLoRA (arXiv 2305.14314) §3 (NF4 is information-theoretically optimal for normal data;
+smaller blocks give more precise scales) and Dettmers & Zettlemoyer 2023 ("The case for 4-bit
+precision", blocksize sweeps). Errors come from ``q4lab.reference`` round trips; only histogram
+counts go to the browser (the raw errors of a layer would bloat the widget state, DESIGN.md §7).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..reference.blockwise import BLOCKSIZES
+from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure
+from ._common import roundtrip, updating
+
+COLORS = {"nf4": "#1f77b4", "fp4": "#d62728", "int4": "#2ca02c"}
+BINS = 101
+
+
+def layer_errors(x: np.ndarray, quant_type: str, blocksize: int, double_quant: bool = True):
+    """(error = x_hat - x as float64, stats dict) for one layer and format."""
+    x_hat, _, _ = roundtrip(x, quant_type, blocksize, double_quant)
+    err = x_hat.astype(np.float64) - np.asarray(x, np.float64)
+    return err, error_stats(x, x_hat)
+
+
+def shared_histograms(errors: dict, bins: int = BINS) -> tuple[np.ndarray, dict]:
+    """Bin centres and counts per format over ONE common range (so the bars are comparable)."""
+    lim = max(float(np.max(np.abs(e))) for e in errors.values()) or 1e-12
+    edges = np.linspace(-lim, lim, bins + 1)
+    counts = {k: np.histogram(e, bins=edges)[0] for k, e in errors.items()}
+    return (edges[:-1] + edges[1:]) / 2, counts
+
+
+class ErrorHistograms(WidgetBase):
+    """Drive it from Python: ``layer.value``, ``blocksize.value``, ``double_quant.value``;
+    ``stats[quant_type]`` holds the current readouts, ``sweep[quant_type]`` the MSE per blocksize."""
+
+    def __init__(self, source, blocksize: int = 64, double_quant: bool = True):
+        import ipywidgets as W
+
+        self.weights = linear_weights(source)
+        self._cache: dict = {}
+        names = list(self.weights)
+        self.layer = W.Dropdown(options=names, value=names[0], description="layer",
+                                layout=W.Layout(width="420px"))
+        self.blocksize = W.SelectionSlider(options=BLOCKSIZES, value=blocksize,
+                                           description="blocksize", continuous_update=False)
+        self.double_quant = W.Checkbox(value=double_quant, description="double quant")
+        self.readout = W.HTML()
+        self.fig = new_figure(xaxis_title="quantization error (dequantized − original)",
+                              yaxis_title="count", barmode="overlay", height=360)
+        self.sweep_fig = new_figure(xaxis_title="blocksize", yaxis_title="MSE", height=300,
+                                    xaxis_type="log", yaxis_type="log")
+        for w in (self.layer, self.blocksize, self.double_quant):
+            w.observe(lambda _c: self.update(), names="value")
+        self.widget = W.VBox([W.HBox([self.layer, self.double_quant]), self.blocksize, self.fig,
+                              self.readout, self.sweep_fig])
+        self.update()
+
+    def _errors(self, name: str, quant_type: str, blocksize: int):
+        """(errors, stats); only the stats are cached (errors are layer-sized float64)."""
+        err, stats = layer_errors(self.weights[name], quant_type, blocksize,
+                                  self.double_quant.value)
+        self._cache[(name, quant_type, blocksize, self.double_quant.value)] = stats
+        return err, stats
+
+    def update(self) -> None:
+        """Recompute the chosen layer at the chosen blocksize and redraw both figures."""
+        import plotly.graph_objects as go
+
+        name, bs = self.layer.value, self.blocksize.value
+        results = {qt: self._errors(name, qt, bs) for qt in QUANT_TYPES}
+        self.stats = {qt: r[1] for qt, r in results.items()}
+        centres, counts = shared_histograms({qt: r[0] for qt, r in results.items()})
+        bars = [go.Bar(x=centres, y=counts[qt], name=qt.upper(), opacity=0.55,
+                       marker_color=COLORS[qt]) for qt in QUANT_TYPES]
+        with updating(self.fig):
+            self.fig.data = []
+            self.fig.add_traces(bars)
+            self.fig.layout.title.text = f"{name} {self.weights[name].shape}: blocksize {bs}"
+        self._update_sweep(name)
+        rows = [(qt.upper(), f"{s['mse']:.4e}", f"{s['sqnr_db']:.2f}", f"{s['max_abs_err']:.4e}")
+                for qt, s in self.stats.items()]
+        self.readout.value = html_table(rows, ("format", "MSE", "SQNR (dB)", "max |error|"),
+                                        f"{name}, blocksize {bs}")
+
+    def _update_sweep(self, name: str) -> None:
+        import plotly.graph_objects as go
+
+        self.sweep = {qt: [self._cache[k]["mse"] for k in
+                           ((name, qt, bs, self.double_quant.value) for bs in BLOCKSIZES)
+                           if k in self._cache] for qt in QUANT_TYPES}
+        done = [bs for bs in BLOCKSIZES if (name, "nf4", bs, self.double_quant.value) in self._cache]
+        lines = [go.Scatter(x=done, y=self.sweep[qt], mode="lines+markers", name=qt.upper(),
+                            marker_color=COLORS[qt]) for qt in QUANT_TYPES]
+        with updating(self.sweep_fig):
+            self.sweep_fig.data = []
+            self.sweep_fig.add_traces(lines)
+            self.sweep_fig.layout.title.text = f"{name}: MSE vs blocksize (visited so far)"
+
+    def compute_sweep(self) -> dict:
+        """Fill the MSE-vs-blocksize curve of the current layer for every blocksize (with tqdm)."""
+        from tqdm.auto import tqdm
+
+        name = self.layer.value
+        for bs in tqdm(BLOCKSIZES, desc=f"blocksizes of {name}"):
+            for qt in QUANT_TYPES:
+                if (name, qt, bs, self.double_quant.value) not in self._cache:
+                    self._errors(name, qt, bs)
+        self._update_sweep(name)
+        return self.sweep
+
+
+def error_histograms(model_or_tensor_or_dict, blocksize: int = 64,
+                     double_quant: bool = True) -> ErrorHistograms:
+    """Error histograms for a model's linear layers, one tensor, or a dict of tensors."""
+    return ErrorHistograms(model_or_tensor_or_dict, blocksize, double_quant)
