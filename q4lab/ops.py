@@ -31,15 +31,18 @@ def _kernels():
     return _kernels
 
 
+def kernel_status(device_type: str):
+    """True if the native kernels for ``device_type`` load here, else the reason as a string
+    (a failing import of the wrapper module counts as a reason, never as a crash)."""
+    try:
+        return _kernels().available(device_type)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def backends() -> dict:
     """Which backends work here: {"reference": True, "cpu": True | "why not", "cuda": ...}."""
-    out = {"reference": True}
-    for device_type in ("cpu", "cuda"):
-        try:
-            out[device_type] = _kernels().available(device_type)
-        except Exception as exc:  # the import itself may fail on exotic setups
-            out[device_type] = f"{type(exc).__name__}: {exc}"
-    return out
+    return {"reference": True, **{d: kernel_status(d) for d in ("cpu", "cuda")}}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -56,7 +59,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend == "auto":
             return "reference"
         raise ValueError(f"no native kernel for device type {device.type!r}")
-    status = _kernels().available(wanted)
+    status = kernel_status(wanted)
     if status is True:
         return wanted
     if backend != "auto":
