@@ -245,6 +245,10 @@ def report(result: dict) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     res = main()
     report(res)
     RESULTS.mkdir(exist_ok=True)

@@ -1,7 +1,7 @@
 """bitsandbytes state-dict interop: ``to_bnb_state_dict`` / ``from_bnb_state_dict``.
 
 Source: bitsandbytes 0.50.2 ``functional.py::QuantState.as_dict(packed=True)`` / ``from_dict`` and
-``nn/modules.py::Linear4bit._save_to_state_dict`` (see /work/shared/bnb-4bit-format.md §7). A 4-bit
+``nn/modules.py::Linear4bit._save_to_state_dict`` (bnb-4bit-format.md §7, the project notes on bnb 0.50.2). A 4-bit
 layer ``<p>`` is stored as ``<p>.weight`` (packed uint8, shape ``((n+1)//2, 1)``),
 ``<p>.weight.absmax``, ``<p>.weight.quant_map`` (16 float32), and with double quant
 ``<p>.weight.nested_absmax`` and ``<p>.weight.nested_quant_map`` (256 float32), plus
