@@ -231,7 +231,8 @@ void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::T
       }
       a2[g] = q4_float(max_bits);
       const Q4Scale s = q4_reciprocal_scale(a2[g]);
-      for (int64_t i = lo; i < hi; ++i) q[i] = q4_encode_dynamic(dyn, q4_scale(xn[i - lo], s));
+      for (int64_t i = lo; i < hi; ++i)
+        q[i] = q4_encode_absmax_code(dyn, q4_scale(xn[i - lo], s), a2[g], off);
     }
   });
 }

@@ -102,7 +102,8 @@ __global__ void quantize_absmax_kernel(const float* absmax, int64_t count, const
     const float a2 = q4_float(warp_max_bits(m));
     if (lane == 0) absmax2[g] = a2;
     const Q4Scale s = q4_reciprocal_scale(a2);
-    for (int64_t i = lo + lane; i < hi; i += kWarp) codes[i] = q4_encode_dynamic(sdyn, q4_scale(absmax[i] - off, s));
+    for (int64_t i = lo + lane; i < hi; i += kWarp)
+      codes[i] = q4_encode_absmax_code(sdyn, q4_scale(absmax[i] - off, s), a2, off);
   }
 }
 

@@ -11,6 +11,7 @@
 //                              mean_from_bins      -> q4_mean_from_bins (exact, rounded once)
 //                              encode_dynamic      -> q4_encode_dynamic (ties to the even index)
 //                              dequantize_absmax   -> q4_decode_absmax
+//                              non_negative_codes  -> q4_encode_absmax_code
 //   reference/api.py           round_to_bfloat16   -> q4_f32_to_bf16; numpy float16 -> q4_f32_to_f16
 // Storage follows bitsandbytes kernels.cu::kQuantizeBlockwise (high nibble first). Compile without
 // fast-math and without FMA contraction (-ffp-contract=off; nvcc --fmad=false --ftz=false), so that
@@ -228,6 +229,17 @@ Q4_HOST_DEVICE inline float q4_decode_absmax(const Q4Dynamic& dyn, uint32_t code
                                              float offset) {
   float scaled = dyn.value[code] * absmax2;
   return scaled + offset;
+}
+
+// The stored code of one absmax: the nearest code, moved up while it would decode to a negative
+// absmax (sign bit set). A block far below the mean absmax can otherwise decode to a negative
+// scale, flipping its values' signs and turning an all-zero block into -0.0. Decoding is monotone
+// in the code and code 255 decodes to absmax2 + offset >= the block's absmax >= 0, so this ends.
+Q4_HOST_DEVICE inline uint8_t q4_encode_absmax_code(const Q4Dynamic& dyn, float xn, float absmax2,
+                                                    float offset) {
+  uint32_t code = q4_encode_dynamic(dyn, xn);
+  while (code < 255 && (q4_bits(q4_decode_absmax(dyn, code, absmax2, offset)) >> 31)) ++code;
+  return (uint8_t)code;
 }
 
 // ---- building the tables from q4_tables.h (host) ----------------------------------------------

@@ -154,6 +154,13 @@ def sample_inputs(seed: int = 0, small: bool = False):
         add(f"one-element-{qt}", [0.37], "float32", 64, qt)
         add(f"odd-3-{qt}", [-1.0, 0.5, 0.25], "bfloat16", 32, qt)
         add(f"matrix-{qt}", rng.standard_normal((48, 96)) * 0.02, "bfloat16", 64, qt)
+        # tiny and all-zero blocks beside an outlier: without the non-negative rule of double
+        # quantization their absmax would decode below zero (signs flipped, -0.0 zeros)
+        beside = rng.standard_normal((64, 64)).astype(F32)
+        beside[1] = 0.0
+        beside[2] *= 0.003
+        beside[3, 0] = 4.99624
+        add(f"tiny-beside-outlier-{qt}", beside, "float32", 64, qt)
         many_blocks = rng.standard_normal(32 * 700) * rng.gamma(2.0, size=32 * 700)
         add(f"nested-groups-{qt}", many_blocks, "float32", 32, qt)  # 700 blocks: 3 nested groups
     if small:

@@ -13,6 +13,10 @@ Rules (DESIGN.md §4.7-8), each one exact and reproduced by the kernels:
 - 8-bit code = the nearest entry of the dynamic map by float32 midpoints; a value exactly on a
   midpoint goes to whichever neighbour has the EVEN index (bitsandbytes' CUDA rule); an all-zero
   group scales to 0.0 and gets code 127 (the map's 0.0).
+- never a negative scale: while a code would decode to an absmax with the sign bit set, the next
+  code up is stored instead (:func:`non_negative_codes`). bitsandbytes has no such step: there a
+  block far below the mean absmax can decode to a slightly negative absmax, which flips the sign of
+  every value in it and turns an all-zero block into -0.0. The bytes stay bitsandbytes-readable.
 - decode: absmax = RN(RN(dyn[q] * absmax2) + offset): two float32 operations, not an FMA.
 """
 from __future__ import annotations
@@ -83,6 +87,19 @@ def encode_dynamic(xn: np.ndarray) -> np.ndarray:
     return k.astype(np.uint8)
 
 
+def non_negative_codes(codes: np.ndarray, absmax2_per_code: np.ndarray, offset) -> np.ndarray:
+    """Move each code up while it decodes to a negative absmax (sign bit set). Decoding is monotone
+    in the code, and code 255 decodes to absmax2 + offset >= the block's absmax >= 0, so it ends."""
+    codes = np.asarray(codes, dtype=np.int64).copy()
+    dyn, offset = dynamic_map(), F32(offset)
+    while True:
+        decoded = ((dyn[codes] * absmax2_per_code).astype(F32) + offset).astype(F32)
+        negative = np.signbit(decoded) & (codes < 255)
+        if not negative.any():
+            return codes.astype(np.uint8)
+        codes[negative] += 1
+
+
 def quantize_absmax(absmax: np.ndarray, offset=None):
     """Double-quantize float32 absmax values. Returns (codes uint8, absmax2 float32, offset float32).
 
@@ -95,7 +112,8 @@ def quantize_absmax(absmax: np.ndarray, offset=None):
     absmax2 = np.abs(groups).max(axis=1).astype(F32)
     prescale, recip = reciprocal_scale(absmax2)
     xn = scale_blocks(groups, prescale, recip).ravel()[: absmax.size]
-    return encode_dynamic(xn), absmax2, F32(offset)
+    per_code = np.repeat(absmax2, NESTED_BLOCKSIZE)[: absmax.size]
+    return non_negative_codes(encode_dynamic(xn), per_code, offset), absmax2, F32(offset)
 
 
 def dequantize_absmax(codes: np.ndarray, absmax2: np.ndarray, offset) -> np.ndarray:
