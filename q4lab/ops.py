@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import reference as ref
-from .reference.api import check_blocksize, check_quant_type
+from .reference.api import check_blocksize, check_offset, check_quant_type
 from .state import QuantState
 
 TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -121,14 +121,13 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     _check_input(w)
     blocksize = check_blocksize(blocksize)
     check_quant_type(quant_type)
-    if offset is not None and not double_quant:
-        raise ValueError("offset is only meaningful with double_quant=True")
+    offset = check_offset(offset, double_quant)
     which = resolve_backend(backend, w.device)
     dtype = TORCH_DTYPES[w.dtype]
     if which == "reference":
         flat = w.detach().reshape(-1).to("cpu", torch.float32).numpy()
         packed, state = ref.quantize_4bit(flat, blocksize, quant_type, double_quant,
-                                          offset=None if offset is None else _as_f32(offset),
+                                          offset=offset,
                                           dtype=dtype)
         state.shape = tuple(w.shape)
         state = state.to(w.device)
@@ -143,16 +142,11 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     state = QuantState(shape=tuple(w.shape), dtype=dtype, blocksize=blocksize,
                        quant_type=quant_type, code=_table(quant_type, w.device), absmax=absmax)
     if double_quant:
-        given = None if offset is None else torch.tensor(_as_f32(offset), device=w.device)
+        given = None if offset is None else torch.tensor(offset, device=w.device)
         codes, absmax2, off = k.quantize_absmax(absmax, given)
         state.absmax, state.offset = codes, off
         state.state2 = _nested_state(absmax.numel(), absmax2, w.device)
     return packed, state
-
-
-def _as_f32(offset) -> np.float32:
-    value = offset.item() if hasattr(offset, "item") else offset
-    return np.float32(value)
 
 
 def absmax_of(state: QuantState, backend: str = "auto") -> torch.Tensor:
@@ -182,17 +176,23 @@ def check_state(packed: torch.Tensor, state: QuantState) -> None:
                              f"{packed.device}; move both with state.to(device)")
 
 
+def _output_dtype(dtype) -> torch.dtype:
+    """torch.float32/float16/bfloat16 or their names; anything else is a TypeError naming them."""
+    if isinstance(dtype, str):
+        dtype = DTYPE_OF_NAME.get(dtype.replace("torch.", ""), dtype)
+    if dtype not in TORCH_DTYPES:
+        raise TypeError(f"dtype {dtype!r} is not supported for dequantized output; use one of "
+                        f"{[str(d) for d in TORCH_DTYPES]}")
+    return dtype
+
+
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None,
                     backend: str = "auto") -> torch.Tensor:
     """Dequantize to a tensor of ``state.shape`` in ``dtype`` (default: the original dtype)."""
     if not state.is_torch:
         state = state.to(packed.device)
     check_state(packed, state)
-    dtype = dtype or DTYPE_OF_NAME[state.dtype]
-    if isinstance(dtype, str):
-        dtype = DTYPE_OF_NAME[dtype]
-    if dtype not in TORCH_DTYPES:
-        raise TypeError(f"dtype {dtype} is not one of {list(TORCH_DTYPES)}")
+    dtype = _output_dtype(dtype or str(state.dtype))
     which = resolve_backend(backend, packed.device)
     if which == "reference":
         out = ref.dequantize_4bit(packed.cpu().numpy(), state.numpy(), "float32")

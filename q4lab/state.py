@@ -122,6 +122,15 @@ class QuantState:
             raise ValueError(f"state.quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"state.dtype={self.dtype!r} is not one of {DTYPES}")
+        absmax_kind = str(self.absmax.dtype).replace("torch.", "")
+        wanted = "uint8" if self.nested else "float32"
+        if absmax_kind != wanted:
+            raise ValueError(
+                f"state.absmax is {absmax_kind} but a {'nested' if self.nested else 'plain'} state "
+                f"stores {wanted} absmax ({'8-bit codes' if self.nested else 'one per block'})"
+            )
+        if self.nested and str(self.state2.absmax.dtype).replace("torch.", "") != "float32":
+            raise ValueError(f"state.state2.absmax must be float32, got {self.state2.absmax.dtype}")
         if _numel(self.absmax) != self.nblocks:
             raise ValueError(
                 f"state has {_numel(self.absmax)} absmax values but shape {tuple(self.shape)} at "

@@ -30,6 +30,22 @@ def check_quant_type(quant_type) -> str:
     return quant_type
 
 
+def check_offset(offset, double_quant: bool):
+    """A given double-quant offset must be a finite float32 (None: computed as the exact mean)."""
+    if offset is None:
+        return None
+    if not double_quant:
+        raise ValueError("offset is only meaningful with double_quant=True")
+    value = offset.item() if hasattr(offset, "item") else offset
+    try:
+        as_f32 = np.float32(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"offset must be a number, got {type(offset).__name__}") from None
+    if not np.isfinite(as_f32):
+        raise ValueError(f"offset={value!r} is not a finite float32")
+    return as_f32
+
+
 def check_finite(flat: np.ndarray, blocksize: int) -> None:
     """NaN or Inf anywhere is an error naming the first bad block and element (DESIGN.md §4.9)."""
     bad = ~np.isfinite(flat)
@@ -75,6 +91,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     """
     blocksize = check_blocksize(blocksize)
     check_quant_type(quant_type)
+    offset = check_offset(offset, double_quant)
     shape = tuple(np.shape(x))
     flat, dtype = as_float32(x, dtype)
     if flat.size == 0:
@@ -89,8 +106,6 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
         state.state2 = QuantState(shape=(absmax.size,), dtype="float32",
                                   blocksize=NESTED_BLOCKSIZE, quant_type="dynamic",
                                   code=dynamic_map(), absmax=absmax2)
-    elif offset is not None:
-        raise ValueError("offset is only meaningful with double_quant=True")
     return packed, state
 
 
@@ -99,6 +114,16 @@ def state_absmax(state: QuantState) -> np.ndarray:
     if state.nested:
         return dequantize_absmax(state.absmax, state.state2.absmax, state.offset)
     return np.asarray(state.absmax, dtype=F32)
+
+
+def _dtype_name(dtype) -> str:
+    """'float16', np.float16, np.dtype('float16') and torch.float16 all name 'float16'."""
+    if isinstance(dtype, str) or type(dtype).__module__.startswith("torch"):
+        return str(dtype).replace("torch.", "")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
 
 def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
@@ -118,7 +143,7 @@ def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.nda
     """
     state = state.numpy()
     state.validate(packed)
-    dtype = str(dtype or state.dtype)
+    dtype = _dtype_name(dtype or state.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")
     codes = unpack_nibbles(packed, state.numel)
