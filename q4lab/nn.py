@@ -61,6 +61,8 @@ class Linear4bit(nn.Module):
                  state: QuantState, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype={compute_dtype!r} is not float32, float16 or bfloat16")
         if tuple(state.shape) != (out_features, in_features):
             raise ValueError(f"state shape {tuple(state.shape)} does not match a "
                              f"({out_features}, {in_features}) weight")
@@ -163,7 +165,7 @@ def _linear_targets(model: nn.Module, cfg: Q4Config) -> list[str]:
     values) so that a bad layer is reported before anything is replaced. LoRA adapter layers
     (``lora_*``) are never quantized."""
     names = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # every name of a shared layer
         if not isinstance(module, nn.Linear) or not name:
             continue
         if cfg.skips(name) or any(p.startswith("lora_") for p in name.split(".")):
@@ -225,10 +227,13 @@ def quantize_model(model: nn.Module, cfg: Q4Config | None = None, progress: bool
         raise TypeError("quantize_model replaces layers inside a model and cannot replace a bare "
                         "nn.Linear in place; use q4lab.Linear4bit.from_linear(layer, ...)")
     shared: dict = {}
+    replaced: dict = {}  # id(original nn.Linear) -> (original, its Linear4bit): one per module object
     for name in tqdm(_linear_targets(model, cfg), desc="quantizing to 4 bits",
                      disable=not progress, unit="layer"):
-        layer = _quantize_one(model.get_submodule(name), cfg, shared, keep_error_stats)
-        set_submodule(model, name, layer)
+        linear = model.get_submodule(name)
+        if id(linear) not in replaced:
+            replaced[id(linear)] = (linear, _quantize_one(linear, cfg, shared, keep_error_stats))
+        set_submodule(model, name, replaced[id(linear)][1])
     return model
 
 

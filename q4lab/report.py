@@ -146,6 +146,16 @@ def model_bytes(model: nn.Module) -> int:
     return total + sum(sum(s.nbytes().values()) for s in states.values())
 
 
+def _reference_name(name: str, refs: dict) -> str | None:
+    """The reference weight's name for a layer: itself, or, for the base of a LoRA adapter
+    (``q4lab.add_lora`` wraps ``q_proj`` as ``q_proj.base``), the name it had before wrapping."""
+    if name in refs:
+        return name
+    if name.endswith(".base") and name[: -len(".base")] in refs:
+        return name[: -len(".base")]
+    return None
+
+
 def report(model: nn.Module, reference=None, note: str | None = None) -> Report:
     """Per-layer and total memory (bytes before/after, bits/param from the stored bytes) and,
     when the original weights are known, reconstruction error, for every ``Linear4bit`` in
@@ -156,10 +166,10 @@ def report(model: nn.Module, reference=None, note: str | None = None) -> Report:
     refs = _reference_weights(reference)
     layers = [(n or "(model)", m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     if refs:
-        missing = [n for n, _ in layers if n not in refs]
+        missing = [n for n, _ in layers if _reference_name(n, refs) is None]
         if missing:
             raise ValueError(f"reference has no weight for layers {missing[:5]}")
-    rows = [_row(n, m, refs.get(n)) for n, m in layers]
+    rows = [_row(n, m, refs.get(_reference_name(n, refs))) for n, m in layers]
     now = model_bytes(model)
     total = _total(rows)
     mb = {"now": now, "before": now - total["bytes_after"] + total["bytes_before"]}
