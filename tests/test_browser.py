@@ -158,15 +158,31 @@ def test_slider_changes_figure_and_survives_reload(lab):
                    "the saved notebook on disk to hold the outputs")
         screenshot_figure(page, "02_figure_after_drag.png")
 
-        page.reload()
-        page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')",
-                               timeout=90_000)
-        reloaded = wait_until(page, lambda: figure_state(page), 90,
-                              "the figure after reload (never found: its title and data were lost)")
+        reloaded = reload_and_find_figure(page)
         screenshot_figure(page, "03_figure_after_reload.png")
         assert reloaded["nf4"] == after["nf4"], "figure state lost on reload"
         assert reloaded["title"] == after["title"]
         browser.close()
+
+
+MODEL_NOT_FOUND_JS = """() => document.body.innerText.includes('Error displaying widget: model not found')"""
+
+
+def reload_and_find_figure(page):
+    """Reload the page and return the figure's state. ipywidgets restores the widget models from
+    the running kernel after a reload; on a CPU-starved machine that restore can lose the race with
+    the output renderer, which then shows "Error displaying widget: model not found" (a JupyterLab
+    timing issue, not lost state). That one symptom gets one more reload; anything else fails."""
+    for attempt in range(2):
+        page.reload()
+        page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')",
+                               timeout=90_000)
+        found = wait_until(page, lambda: figure_state(page) or page.evaluate(MODEL_NOT_FOUND_JS),
+                           90, "the figure after reload (never found: its title and data were lost)")
+        if isinstance(found, dict):
+            return found
+        print(f"reload {attempt + 1}: ipywidgets reported 'model not found'; reloading again")
+    raise AssertionError("after two reloads the widget models were still not restored")
 
 
 def screenshot_figure(page, name: str) -> None:

@@ -65,7 +65,6 @@ def test_q4lab_layer_into_real_bnb_linear4bit(quant_type, shape, bs, dq, dtype):
     testing.assert_bytes_equal(l4.packed, b.weight.data.reshape(-1), "packed")
     assert tuple(b.weight.data.shape) == ((shape[0] * shape[1] + 1) // 2, 1)
     x = torch.randn(4, shape[1])
-    testing.assert_bytes_equal(l4(x), b(x), "layer output fp32")
     mine, theirs = l4.dequantized_weight(dtype), bnb_dequant(b)
     msg = testing.byte_mismatch(mine, theirs)
     bug = avx512() and shape[1] % bs != 0 and shape[1] % 16 == 0 and shape[0] > 1
@@ -75,6 +74,8 @@ def test_q4lab_layer_into_real_bnb_linear4bit(quant_type, shape, bs, dq, dtype):
         pytest.xfail(f"bnb AVX-512 dequant shape bug: {msg}")
     else:
         assert msg is None, msg
+    # after the xfail decision: on AVX-512 bnb's forward goes through the same buggy dequantizer
+    testing.assert_bytes_equal(l4(x), b(x), "layer output fp32")
     back = interop.from_bnb_linear(b, torch.float32)
     testing.assert_bytes_equal(l4.packed, back.packed, "bnb -> q4lab packed")
     testing.assert_states_equal(l4.quant_state, back.quant_state, "bnb -> q4lab state")

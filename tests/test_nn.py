@@ -387,3 +387,29 @@ def test_transformers_llama_with_tied_lm_head_quantized_generates_and_round_trip
     fresh = q4lab.load(tf.LlamaForCausalLM(cfg).eval(), tmp_path / "llama.safetensors")
     with torch.no_grad():
         testing.assert_bytes_equal(model(ids).logits, fresh(ids).logits, "logits")
+
+
+def test_shared_linear_is_quantized_once_under_every_name():
+    model = torch.nn.Sequential()
+    model.a = torch.nn.Linear(128, 128)
+    model.b = model.a
+    q4lab.quantize_model(model, progress=False)
+    assert isinstance(model.a, q4lab.Linear4bit) and model.b is model.a
+
+
+def test_linear4bit_rejects_unsupported_compute_dtype():
+    layer = torch.nn.Linear(64, 64)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        q4lab.Linear4bit.from_linear(layer, compute_dtype=torch.float64)
+
+
+def test_report_with_reference_after_add_lora():
+    model = torch.nn.Sequential()
+    model.q_proj = torch.nn.Linear(128, 128)
+    model.v_proj = torch.nn.Linear(128, 128)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    q4lab.quantize_model(model, progress=False)
+    q4lab.add_lora(model, r=4, alpha=8, target_modules=("q_proj",))
+    rep = q4lab.report(model, reference=original)
+    assert {row["layer"] for row in rep.rows} >= {"q_proj.base", "v_proj"}
+    assert all(row["mse"] is not None for row in rep.rows)

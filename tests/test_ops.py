@@ -119,3 +119,24 @@ def test_state_repr_and_html():
     assert "nf4" in repr(state) and "nested" in repr(state)
     html = state._repr_html_()
     assert "bits / param" in html and "4.12" in html
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float64", torch.float64, torch.int8])
+def test_bad_output_dtype_names_the_choices(dtype):
+    packed, state = q4lab.quantize_4bit(torch.randn(70), backend="reference")
+    with pytest.raises(TypeError, match="not supported for dequantized output"):
+        q4lab.dequantize_4bit(packed, state, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_non_finite_offset_rejected_on_every_backend(backend):
+    with pytest.raises(ValueError, match="not a finite float32"):
+        q4lab.quantize_4bit(torch.randn(70), offset=float("nan"), backend=backend)
+
+
+def test_nested_state_with_float_absmax_is_rejected():
+    packed, state = q4lab.quantize_4bit(torch.randn(4, 64), backend="reference")
+    _, plain = q4lab.quantize_4bit(torch.randn(4, 64), double_quant=False, backend="reference")
+    state.absmax = plain.absmax
+    with pytest.raises(ValueError, match="float32 but a nested state"):
+        q4lab.dequantize_4bit(packed, state)

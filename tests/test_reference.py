@@ -291,3 +291,44 @@ def test_reference_imports_without_torch():
             "ref.quantize_4bit(np.ones(64, np.float32)); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_double_quant_never_decodes_a_negative_absmax():
+    """Tiny and all-zero blocks beside an outlier: the nearest 8-bit code would decode their absmax
+    below zero (bitsandbytes' rule), flipping signs; q4lab stores the next code up instead."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype(F32)
+    x[1] = 0.0
+    x[2] *= 0.003
+    x[3, 0] = 4.99624
+    packed, state = ref.quantize_4bit(x, 64, "nf4", double_quant=True)
+    decoded = ref.state_absmax(state)
+    assert not np.signbit(decoded).any()
+    # the plain nearest codes would have gone negative here: the rule is doing work
+    nearest = double_quant.encode_dynamic(
+        ((np.abs(x).max(axis=1) - state.offset) / state.state2.absmax[0]).astype(F32))
+    nearest_decoded = double_quant.dequantize_absmax(nearest, state.state2.absmax, state.offset)
+    assert np.signbit(nearest_decoded).any()
+    out = ref.dequantize_4bit(packed, state)
+    assert (out[1].view(np.uint32) == 0).all()  # the all-zero row: +0.0
+    assert (np.sign(out[2]) * np.sign(x[2]) >= 0).all()  # no sign flips in the tiny row
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_offset_is_rejected(offset):
+    with pytest.raises(ValueError, match="not a finite float32"):
+        ref.quantize_4bit(np.ones(64, F32), 64, "nf4", True, offset=offset)
+
+
+def test_state_whose_absmax_kind_does_not_match_nesting_is_rejected():
+    import dataclasses
+
+    packed, state = ref.quantize_4bit(np.ones((4, 64), F32), 64)
+    with pytest.raises(ValueError, match="uint8 but a plain state"):
+        ref.dequantize_4bit(packed, dataclasses.replace(state, state2=None, offset=None))
+
+
+def test_dequantize_dtype_accepts_numpy_types():
+    packed, state = ref.quantize_4bit(np.ones(70, F32), 32)
+    for dtype in (np.float16, np.dtype("float16"), "float16"):
+        assert ref.dequantize_4bit(packed, state, dtype).dtype == np.float16
