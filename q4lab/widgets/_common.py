@@ -44,6 +44,17 @@ def updating(fig):
     resync(fig)
 
 
+def redraw(fig, traces, title: str, **layout) -> None:
+    """Replace all of ``fig``'s traces, set its title (and any other layout properties given), in
+    one batched update that ends with :func:`resync`: the one way widgets change a figure."""
+    with updating(fig):
+        fig.data = []
+        fig.add_traces(list(traces))
+        for key, value in layout.items():
+            fig.layout[key] = value
+        fig.layout.title.text = title
+
+
 def to_numpy_f32(w, name: str = "weight") -> np.ndarray:
     """A float32 NumPy copy of a tensor or array (fp16/bf16 are widened exactly)."""
     if hasattr(w, "detach"):

@@ -13,7 +13,7 @@ import numpy as np
 from .. import reference as ref
 from ..reference import blockwise as bw
 from ._common import (F32, QUANT_TYPES, WidgetBase, f32_hex, html_table, linear_weights,
-                      new_figure, updating)
+                      new_figure, redraw)
 
 SHOW_ROWS = 16
 
@@ -117,12 +117,10 @@ class BlockInspector(WidgetBase):
                   go.Scatter(x=np.tile([idx[0] - 0.5, idx[-1] + 0.5, None], grid.size),
                              y=np.repeat(grid, 3), mode="lines", name="levels × absmax",
                              line=dict(color="rgba(0,0,0,0.15)"), hoverinfo="skip")]
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_traces(traces)
-            self.fig.layout.title.text = (f"{self.layer.value}: block {self.block.value} "
-                                          f"({self.quant_type.value}, blocksize "
-                                          f"{self.blocksize.value})")
+        redraw(self.fig, traces,
+               (f"{self.layer.value}: block {self.block.value} "
+                f"({self.quant_type.value}, blocksize "
+                f"{self.blocksize.value})"))
 
     def _html(self) -> str:
         i = self.info

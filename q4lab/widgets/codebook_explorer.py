@@ -14,7 +14,7 @@ from scipy.stats import norm
 
 from .. import reference as ref
 from ..reference.codebooks import NF4_OFFSET, torch_linspace_f32
-from ._common import F32, WidgetBase, html_table, new_figure, updating
+from ._common import F32, WidgetBase, html_table, new_figure, redraw
 
 OFFSET_RANGE = (0.90, 0.995)
 
@@ -85,11 +85,9 @@ class CodebookExplorer(WidgetBase):
         d = nf4_derivation(self.offset.value)
         self.levels = d["levels"]
         traces = self._traces(d)
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_traces(traces)
-            self.fig.layout.title.text = (f"NF4 at offset {d['offset']:.7f}: "
-                                          f"{self._match_text(d['levels'])}")
+        redraw(self.fig, traces,
+               (f"NF4 at offset {d['offset']:.7f}: "
+                f"{self._match_text(d['levels'])}"))
         self.steps.value = self._steps_html(d)
 
     def _traces(self, d: dict) -> list:

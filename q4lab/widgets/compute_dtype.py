@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import WidgetBase, html_table, linear_weights, new_figure, updating
+from ._common import WidgetBase, html_table, linear_weights, new_figure, redraw
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -67,10 +67,8 @@ class ComputeDtypeExplorer(WidgetBase):
         bars = [go.Bar(x=centres, y=np.histogram(self.errors[k], edges)[0], name=label,
                        opacity=0.6) for k, label in (("quant", "4-bit weight (fp32 compute)"),
                                                      ("compute", f"{self.dtype.value} compute"))]
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_traces(bars)
-            self.fig.layout.title.text = f"{self.layer.value}: compute dtype {self.dtype.value}"
+        redraw(self.fig, bars,
+               f"{self.layer.value}: compute dtype {self.dtype.value}")
         rms = {k: float(np.sqrt(np.mean(v * v))) for k, v in self.errors.items()}
         self.readout.value = html_table(
             [("4-bit weight vs original (fp32 compute)", f"{rms['quant']:.3e}"),

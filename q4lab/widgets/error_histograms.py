@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..reference.blockwise import BLOCKSIZES
-from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure
-from ._common import roundtrip, updating
+from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure, redraw
+from ._common import roundtrip
 
 COLORS = {"nf4": "#1f77b4", "fp4": "#d62728", "int4": "#2ca02c"}
 BINS = 101
@@ -77,10 +77,8 @@ class ErrorHistograms(WidgetBase):
         centres, counts = shared_histograms({qt: r[0] for qt, r in results.items()})
         bars = [go.Bar(x=centres, y=counts[qt], name=qt.upper(), opacity=0.55,
                        marker_color=COLORS[qt]) for qt in QUANT_TYPES]
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_traces(bars)
-            self.fig.layout.title.text = f"{name} {self.weights[name].shape}: blocksize {bs}"
+        redraw(self.fig, bars,
+               f"{name} {self.weights[name].shape}: blocksize {bs}")
         self._update_sweep(name)
         rows = [(qt.upper(), f"{s['mse']:.4e}", f"{s['sqnr_db']:.2f}", f"{s['max_abs_err']:.4e}")
                 for qt, s in self.stats.items()]
@@ -96,10 +94,8 @@ class ErrorHistograms(WidgetBase):
         done = [bs for bs in BLOCKSIZES if (name, "nf4", bs, self.double_quant.value) in self._cache]
         lines = [go.Scatter(x=done, y=self.sweep[qt], mode="lines+markers", name=qt.upper(),
                             marker_color=COLORS[qt]) for qt in QUANT_TYPES]
-        with updating(self.sweep_fig):
-            self.sweep_fig.data = []
-            self.sweep_fig.add_traces(lines)
-            self.sweep_fig.layout.title.text = f"{name}: MSE vs blocksize (visited so far)"
+        redraw(self.sweep_fig, lines,
+               f"{name}: MSE vs blocksize (visited so far)")
 
     def compute_sweep(self) -> dict:
         """Fill the MSE-vs-blocksize curve of the current layer for every blocksize (with tqdm)."""

@@ -10,7 +10,7 @@ so it works for a 70B-parameter tensor.
 from __future__ import annotations
 
 from ..reference.blockwise import BLOCKSIZES
-from ._common import WidgetBase, html_table, new_figure, updating
+from ._common import WidgetBase, html_table, new_figure, redraw
 
 #: Nominal parameter counts (the number in the model's name).
 MODEL_SIZES = {"7B": 7e9, "13B": 13e9, "33B": 33e9, "65B": 65e9, "70B": 70e9}
@@ -102,12 +102,10 @@ class MemoryCalculator(WidgetBase):
                                        self.gpu.value)
         bars = [go.Bar(y=["bits/param"], x=[r["bits"].get(p, 0.0)], orientation="h",
                        name=LABELS[p], text=[f"{r['bits'].get(p, 0.0):.4f}"]) for p in PARTS]
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_traces(bars)
-            self.fig.layout.title.text = (f"{self.quant_type.value.upper()}, blocksize "
-                                          f"{self.blocksize.value}: {r['bits_per_param']:.4f} "
-                                          f"bits/param")
+        redraw(self.fig, bars,
+               (f"{self.quant_type.value.upper()}, blocksize "
+                f"{self.blocksize.value}: {r['bits_per_param']:.4f} "
+                f"bits/param"))
         self._draw_gb(r)
         self.readout.value = self._html(n, r)
 
@@ -117,13 +115,11 @@ class MemoryCalculator(WidgetBase):
         bars = go.Bar(y=["fp16/bf16", "4-bit"], x=[r["fp16_gb"], r["gb"]], orientation="h",
                       marker_color=["#999", "#1f77b4" if r["fits"] else "#d62728"],
                       text=[f"{r['fp16_gb']:.1f} GB", f"{r['gb']:.2f} GB"], showlegend=False)
-        with updating(self.gb_fig):
-            self.gb_fig.data = []
-            self.gb_fig.add_trace(bars)
-            self.gb_fig.layout.shapes = [dict(type="line", x0=self.gpu.value, x1=self.gpu.value,
-                                              y0=-0.5, y1=1.5, line=dict(dash="dash"))]
-            self.gb_fig.layout.title.text = (f"weights {'fit' if r['fits'] else 'do NOT fit'} "
-                                             f"a {self.gpu.value} GB GPU (dashed line)")
+        redraw(self.gb_fig, [bars],
+               f"weights {'fit' if r['fits'] else 'do NOT fit'} a {self.gpu.value} GB GPU "
+               f"(dashed line)",
+               shapes=[dict(type="line", x0=self.gpu.value, x1=self.gpu.value, y0=-0.5, y1=1.5,
+                            line=dict(dash="dash"))])
 
     def _html(self, n: float, r: dict) -> str:
         rows = [(LABELS[p], f"{r['bytes'][p]:,}", f"{r['bits'][p]:.4f}") for p in r["bytes"]]

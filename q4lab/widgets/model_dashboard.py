@@ -15,8 +15,8 @@ import numpy as np
 
 from ..reference.blockwise import BLOCKSIZES
 from ..state import bits_per_param, storage_bytes
-from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure
-from ._common import roundtrip, to_numpy_f32, updating
+from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure, redraw
+from ._common import roundtrip, to_numpy_f32
 
 METRICS = {"sqnr_db": "SQNR (dB)", "mse": "MSE", "bits_per_param": "bits/param",
            "bytes": "bytes stored"}
@@ -137,10 +137,8 @@ class ModelDashboard(WidgetBase):
                           colorbar=dict(title=METRICS[metric]))
         source = "stored state" if self.is_quantized else (
             f"{self.quant_type.value}, blocksize {self.blocksize.value}")
-        with updating(self.fig):
-            self.fig.data = []
-            self.fig.add_trace(heat)
-            self.fig.layout.title.text = f"{METRICS[metric]} per layer ({source})"
+        redraw(self.fig, [heat],
+               f"{METRICS[metric]} per layer ({source})")
         self.table.value = self._html()
 
     def _html(self) -> str:
