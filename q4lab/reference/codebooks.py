@@ -49,13 +49,32 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(i < steps // 2, lower, upper).astype(F32)
 
 
+def nf4_derivation(offset: float = NF4_OFFSET) -> dict:
+    """The NF4 recipe step by step for a given ``offset`` (the probability of the largest level).
+
+    p_pos = linspace_f32(offset, 0.5, 9)[:-1] (8 levels), p_neg = linspace_f32(offset, 0.5, 8)[:-1]
+    (7 levels); z = norm.ppf(p) in float64 on those float32 levels; the 15 values and an exact 0 as
+    float32, sorted; divided (float32) by the largest. bitsandbytes pads with 241 zeros to 256 and
+    keeps ``[:8] + [-8:]``, which selects exactly these 16. Returns every intermediate array plus
+    ``levels`` (16 float32, ascending); at ``NF4_OFFSET`` the levels are the shipped NF4 table."""
+    offset = float(offset)
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset={offset} must lie strictly between 0.5 and 1 (a probability "
+                         f"above the median, below 1 where norm.ppf is infinite)")
+    p_pos = torch_linspace_f32(offset, 0.5, 9)[:-1]
+    p_neg = torch_linspace_f32(offset, 0.5, 8)[:-1]
+    z_pos = norm.ppf(p_pos.astype(np.float64))
+    z_neg = -norm.ppf(p_neg.astype(np.float64))
+    raw = np.sort(np.concatenate([z_pos, z_neg, [0.0]]).astype(F32))
+    scale = raw.max()
+    levels = (raw / scale).astype(F32)
+    return {"offset": offset, "p_pos": p_pos, "p_neg": p_neg, "z_pos": z_pos, "z_neg": z_neg,
+            "raw": raw, "scale": F32(scale), "levels": levels}
+
+
 @lru_cache(maxsize=None)
 def _nf4() -> np.ndarray:
-    positive = norm.ppf(torch_linspace_f32(NF4_OFFSET, 0.5, 9)[:-1].astype(np.float64))
-    negative = -norm.ppf(torch_linspace_f32(NF4_OFFSET, 0.5, 8)[:-1].astype(np.float64))
-    values = np.sort(np.concatenate([positive, np.zeros(241), negative]).astype(F32))
-    values = (values / values.max()).astype(F32)  # float32 division by f32(1.8481308)
-    table = np.concatenate([values[:8], values[-8:]])  # 7 negatives, the 0, 8 positives
+    table = nf4_derivation(NF4_OFFSET)["levels"]  # 7 negatives, the 0, 8 positives
     table.setflags(write=False)
     return table
 
@@ -63,10 +82,10 @@ def _nf4() -> np.ndarray:
 def nf4_codebook() -> np.ndarray:
     """The 16 NF4 levels, float32, ascending; index = 4-bit code.
 
-    Derived at call time (cached): levels ``linspace(0.9677083, 0.5, 9)[:-1]`` (8 positive) and
-    ``linspace(0.9677083, 0.5, 8)[:-1]`` (7 negative) in torch's float32 linspace; ``norm.ppf``
-    evaluated in float64 on those float32 levels; the 15 values plus 241 zeros rounded to float32,
-    sorted, and divided (float32) by the largest; code 7 is exactly 0.0, codes 0 and 15 are ∓1.0.
+    Derived at call time (cached) by :func:`nf4_derivation` at ``offset=0.9677083``: 8 positive and
+    7 negative normal quantiles in torch's float32 linspace, ``norm.ppf`` in float64, an exact 0,
+    float32, sorted and divided (float32) by the largest; code 7 is exactly 0.0, codes 0 and 15 are
+    ∓1.0.
     """
     return _nf4().copy()
 

@@ -4,8 +4,8 @@ equal-probability bins shaded and its derivation from the normal quantiles shown
 Source: QLoRA (arXiv 2305.14314) §3 "4-bit NormalFloat Quantization"; the recipe is bitsandbytes
 ``functional.py::create_normal_map(offset=0.9677083, use_extra_value=True)`` as written down in
 ``q4lab.reference.codebooks`` (8 positive quantile levels, 7 negative, an exact 0, normalized by the
-largest). :func:`nf4_derivation` follows those steps with any offset; at 0.9677083 it gives exactly
-``ref.nf4_codebook()`` (tested byte for byte).
+largest). ``reference.codebooks.nf4_derivation`` returns those steps for any offset (re-exported
+here); at 0.9677083 its levels are ``ref.nf4_codebook()`` itself.
 """
 from __future__ import annotations
 
@@ -13,31 +13,10 @@ import numpy as np
 from scipy.stats import norm
 
 from .. import reference as ref
-from ..reference.codebooks import NF4_OFFSET, torch_linspace_f32
-from ._common import F32, WidgetBase, html_table, new_figure, redraw
+from ..reference.codebooks import NF4_OFFSET, nf4_derivation
+from ._common import WidgetBase, html_table, new_figure, redraw
 
 OFFSET_RANGE = (0.90, 0.995)
-
-
-def nf4_derivation(offset: float = NF4_OFFSET) -> dict:
-    """The NF4 recipe step by step for a given ``offset`` (probability of the largest level).
-
-    p_pos = linspace_f32(offset, 0.5, 9)[:-1], p_neg = linspace_f32(offset, 0.5, 8)[:-1];
-    z = norm.ppf(p) in float64; the 15 values and an exact 0 as float32, sorted; divided (float32)
-    by the largest. Returns every intermediate array plus ``levels`` (16 float32, ascending)."""
-    offset = float(offset)
-    if not 0.5 < offset < 1.0:
-        raise ValueError(f"offset={offset} must lie strictly between 0.5 and 1 (a probability "
-                         f"above the median, below 1 where norm.ppf is infinite)")
-    p_pos = torch_linspace_f32(offset, 0.5, 9)[:-1]
-    p_neg = torch_linspace_f32(offset, 0.5, 8)[:-1]
-    z_pos = norm.ppf(p_pos.astype(np.float64))
-    z_neg = -norm.ppf(p_neg.astype(np.float64))
-    raw = np.sort(np.concatenate([z_pos, z_neg, [0.0]]).astype(F32))
-    scale = raw.max()
-    levels = (raw / scale).astype(F32)
-    return {"offset": offset, "p_pos": p_pos, "p_neg": p_neg, "z_pos": z_pos, "z_neg": z_neg,
-            "raw": raw, "scale": F32(scale), "levels": levels}
 
 
 def density_curve(scale: float, points: int = 401) -> tuple[np.ndarray, np.ndarray]:
