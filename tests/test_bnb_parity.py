@@ -1,6 +1,6 @@
 """q4lab's reference against real bitsandbytes 0.50.2 on the CPU, stated as counts.
 
-What bnb's CPU path does is in bnb-4bit-format.md §8: NF4 by ``torch.bucketize`` over float32
+What bnb's CPU path does is in ``docs/bitsandbytes.md`` §1-2: NF4 by ``torch.bucketize`` over float32
 midpoints (the same rule as q4lab, so 0 bytes may differ), FP4 with the ±0 codes swapped for tiny
 values, and an approximate 65,536-entry lookup table for the 8-bit nested absmax codes. Data: Gaussian,
 heavy-tailed (Student t, 2 dof) and the real fp32 weights of all-MiniLM-L6-v2.
@@ -74,7 +74,7 @@ def scaled_values(exact, blocksize, absmax):
 
 @pytest.mark.parametrize("name", list(DATA))
 def test_fp4_differences_are_bnb_cpu_zero_swap_and_negative_ties(name):
-    """Two documented differences of bnb's CPU FP4 (bnb-4bit-format.md §8.5), and no others:
+    """Two documented differences of bnb's CPU FP4 (``docs/bitsandbytes.md`` §1), and no others:
     1. zero swap: bnb sorts both zeros (codes 0 and 8, both +0.0 in its table), so tiny positive
        values get 0b1000 and tiny negative ones 0b0000; q4lab sets the sign bit iff x < 0.
     2. a negative value exactly on a threshold goes to the larger magnitude in bnb CPU, to the

@@ -1,6 +1,6 @@
 """Strip outputs, execution counts and saved widget state from notebooks (nbstripout's job, in
 ~40 lines, with nbformat only). An executed widget notebook carries ~5 MB of widget state per plotly
-figure (DESIGN.md §7), so notebooks are committed without outputs; tests/test_notebooks.py fails
+figure (`docs/architecture.md` §4), so notebooks are committed without outputs; tests/test_notebooks.py fails
 if any has them.
 
 Usage: python tools/strip_outputs.py [--check] [NOTEBOOK ...]   (default: notebooks/*.ipynb)
