@@ -2,9 +2,9 @@
 
 ``q4lab.reference`` is the NumPy specification (importable without torch). Everything else is the
 torch front end, loaded lazily on first access so that ``from q4lab import reference`` never imports
-torch: ``quantize_4bit`` / ``dequantize_4bit`` / ``backends`` (ops), ``Linear4bit`` / ``Q4Config`` /
-``quantize_model`` / ``save`` / ``load`` (nn), ``report``, ``add_lora`` (lora), bitsandbytes
-state-dict conversion (interop), ``widgets`` and ``models``.
+torch: ``quantize_4bit`` / ``dequantize_4bit`` / ``backends`` (ops), ``Linear4bit`` /
+``Q4Config`` (nn), ``quantize_model`` (quantize), ``save`` / ``load`` (files), ``report``,
+``add_lora`` (lora), bitsandbytes state-dict conversion (interop), ``widgets`` and ``models``.
 """
 from importlib import import_module
 
@@ -14,14 +14,15 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "quantize_4bit": "ops", "dequantize_4bit": "ops", "backends": "ops",
-    "Linear4bit": "nn", "Q4Config": "nn", "quantize_model": "nn", "save": "nn", "load": "nn",
+    "Linear4bit": "nn", "Q4Config": "nn", "quantize_model": "quantize", "save": "files",
+    "load": "files",
     "report": "report", "Report": "report",
     "add_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "LoRALinear4bit": "lora",
     "save_adapters": "lora", "load_adapters": "lora", "training_memory": "lora",
     "to_bnb_state_dict": "interop", "from_bnb_state_dict": "interop",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
-               "interop")
+               "interop", "quantize", "files", "metrics")
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]
 

@@ -22,7 +22,8 @@ from torch import nn
 from . import ops
 from . import reference as ref
 from .reference.api import check_blocksize
-from .nn import Linear4bit, set_submodule
+from .nn import Linear4bit
+from .quantize import set_submodule
 from .state import QuantState
 
 _QS = "weight.quant_state.bitsandbytes__"
