@@ -1,7 +1,8 @@
-"""JIT build and load of the native kernels in ``csrc/`` (DESIGN.md §5).
+"""JIT build and load of the native kernels in ``csrc/`` (docs/architecture.md, "Kernels").
 
-``torch.utils.cpp_extension.load(..., is_python_module=False)`` compiles ``csrc/q4_cpu.cpp`` (and
-``csrc/q4_cuda.cu`` when torch has CUDA) with ninja into the torch extensions cache
+``torch.utils.cpp_extension.load(..., is_python_module=False)`` compiles every ``csrc/*.cpp`` (and
+every ``csrc/*.cu`` when torch has CUDA: the 4-bit ops, ``q4_*_cpu.cpp`` / ``q4_*_cuda.cu``, and the
+fused matmul, ``q4_matmul_*``) with ninja into the torch extensions cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), which registers ``torch.ops.q4lab.*``
 (the extension-cpp pattern). The extension name carries a hash of every csrc file, the flags and the
 CPU's instruction set, so editing a header rebuilds, and a cached library is loaded directly with
@@ -112,7 +113,8 @@ def _load(with_cuda: bool) -> bool | str:
 def _compile(src: Path, name: str, with_cuda: bool) -> bool | str:
     from torch.utils import cpp_extension
 
-    sources = [str(src / "q4_cpu.cpp")] + ([str(src / "q4_cuda.cu")] if with_cuda else [])
+    sources = [str(f) for f in sorted(src.glob("*.cpp"))]
+    sources += [str(f) for f in sorted(src.glob("*.cu"))] if with_cuda else []
     try:
         cpp_extension.load(name=name, sources=sources, extra_cflags=CXX_FLAGS,
                            extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=LDFLAGS,

@@ -1,0 +1,83 @@
+// q4_matmul_checks.h: argument checks of torch.ops.q4lab.matmul_4bit, shared by the CPU and CUDA
+// implementations (host only). The Python front end (q4lab/matmul.py) checks user arguments first and
+// says what to do; these checks guard direct calls of the op and name the argument that is wrong.
+#pragma once
+#include "q4_checks.h"
+#include "q4_matmul.h"
+
+namespace q4lab {
+
+struct MatmulShape { int64_t M, K, N, nblocks; };
+
+inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& packed,
+                                     const at::Tensor& absmax,
+                                     const c10::optional<at::Tensor>& absmax2,
+                                     const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                     int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  check_blocksize(blocksize);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "q4lab: matmul_4bit input x has dtype ", dt, "; use float32, float16 or bfloat16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
+              "q4lab: matmul_4bit input x must be a contiguous 2-D (rows, K) tensor, got shape ",
+              x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(out_features > 0, "q4lab: out_features=", out_features, " must be positive");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K > 0, "q4lab: matmul_4bit input x has no columns (K=0)");
+  const int64_t n = out_features * K, nblocks = ceil_div(n, blocksize);
+  check_1d(packed, "packed", at::kByte);
+  check_same_device(x, packed, "packed");
+  TORCH_CHECK(packed.numel() == ceil_div(n, 2), "q4lab: packed has ", packed.numel(),
+              " bytes but a (", out_features, ", ", K, ") weight needs ", ceil_div(n, 2),
+              " (does x's last dimension match the weight's in_features?)");
+  check_same_device(x, absmax, "absmax");
+  if (absmax2.has_value()) {
+    check_1d(absmax, "absmax (nested codes)", at::kByte);
+    check_1d(*absmax2, "absmax2", at::kFloat);
+    check_same_device(x, *absmax2, "absmax2");
+    TORCH_CHECK(offset.has_value(), "q4lab: a nested absmax needs an offset");
+    check_scalar_f32(*offset, "offset");
+    check_same_device(x, *offset, "offset");
+    TORCH_CHECK(absmax2->numel() == ceil_div(nblocks, kNestedBlocksize), "q4lab: absmax2 has ",
+                absmax2->numel(), " values but ", nblocks, " blocks need ",
+                ceil_div(nblocks, kNestedBlocksize));
+  } else {
+    check_1d(absmax, "absmax", at::kFloat);
+    TORCH_CHECK(!offset.has_value(), "q4lab: offset given without absmax2 (a plain absmax has none)");
+  }
+  TORCH_CHECK(absmax.numel() == nblocks, "q4lab: absmax has ", absmax.numel(), " values but a (",
+              out_features, ", ", K, ") weight at blocksize ", blocksize, " has ", nblocks, " blocks");
+  if (bias.has_value()) {
+    check_1d(*bias, "bias", at::kFloat);
+    check_same_device(x, *bias, "bias");
+    TORCH_CHECK(bias->numel() == out_features, "q4lab: bias has ", bias->numel(),
+                " values but out_features=", out_features);
+  }
+  return {M, K, out_features, nblocks};
+}
+
+inline void check_matmul_out(const at::Tensor& out, const at::Tensor& x, const MatmulShape& s) {
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == s.M && out.size(1) == s.N && out.is_contiguous() &&
+              out.scalar_type() == x.scalar_type(),
+              "q4lab: output of matmul_4bit must be a contiguous (", s.M, ", ", s.N, ") ",
+              x.scalar_type(), " tensor, got ", out.scalar_type(), " of shape ", out.sizes());
+  check_same_device(x, out, "out");
+}
+
+inline Q4AbsmaxSource absmax_source(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax2,
+                                    const c10::optional<at::Tensor>& offset) {
+  int shift = 0;
+  while ((int64_t(1) << shift) < kNestedBlocksize) ++shift;
+  TORCH_CHECK((int64_t(1) << shift) == kNestedBlocksize, "q4lab: nested blocksize is not a power of 2");
+  Q4AbsmaxSource src{nullptr, nullptr, nullptr, 0.0f, shift};
+  if (absmax2.has_value()) {
+    src.codes = absmax.data_ptr<uint8_t>();
+    src.absmax2 = absmax2->data_ptr<float>();
+    src.offset = offset->to(at::kCPU).contiguous().data_ptr<float>()[0];
+  } else {
+    src.absmax = absmax.data_ptr<float>();
+  }
+  return src;
+}
+
+}  // namespace q4lab
