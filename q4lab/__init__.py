@@ -20,9 +20,11 @@ _LAZY = {
     "add_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "LoRALinear4bit": "lora",
     "save_adapters": "lora", "load_adapters": "lora", "training_memory": "lora",
     "to_bnb_state_dict": "interop", "from_bnb_state_dict": "interop",
+    "save_pretrained": "hf", "from_pretrained": "hf", "quantize_checkpoint": "stream",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
                "interop", "quantize", "files", "metrics")
+_SUBMODULES += ("hf", "checkpoint", "stream")
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]
 

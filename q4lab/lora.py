@@ -9,7 +9,8 @@ dropout on the adapter input, ``scaling = lora_alpha / r``) and PEFT's safetenso
 (``<module>.lora_A.weight``). The 4-bit base is ``q4lab.nn.Linear4bit``; its custom autograd
 Function gives the input its gradient through the dequantized weight and never stores a gradient
 (or a copy) of the packed uint8 weight. Memory accounting (``training_memory``) lives in
-``q4lab.lora_memory`` and is re-exported here.
+``q4lab.lora_memory`` and is re-exported here. Adapters are saved as PEFT adapter directories
+(``q4lab.hf``) or as q4lab's single safetensors file.
 """
 from __future__ import annotations
 
@@ -241,12 +242,20 @@ def adapter_metadata(layers: dict[str, LoRALinear4bit]) -> dict[str, str]:
             "modules": json.dumps(sorted(layers))}
 
 
-def save_adapters(model: nn.Module, path) -> dict[str, str]:
-    """Write only the adapters to a safetensors file: keys ``<module>.lora_A.weight`` (r x in) and
-    ``<module>.lora_B.weight`` (out x r) in the compute dtype, PEFT's names; r, alpha, dropout and
-    the target names in the file's metadata. Returns the metadata."""
+def save_adapters(model: nn.Module, path) -> dict:
+    """Write only the adapters. ``path`` not ending in ``.safetensors``: a PEFT adapter directory
+    (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+    ``base_model.model.<module>.lora_A.weight``) that ``peft.PeftModel.from_pretrained`` loads over
+    the transformers + bitsandbytes base (``q4lab.hf.save_peft_adapters``); returns its config.
+    ``path`` ending in ``.safetensors``: q4lab's single file, keys ``<module>.lora_A.weight``
+    (r x in) and ``<module>.lora_B.weight`` (out x r) in the compute dtype, r, alpha, dropout and
+    the target names in the file's metadata; returns the metadata."""
     from safetensors.torch import save_file
 
+    if not str(path).endswith(".safetensors"):
+        from .hf import save_peft_adapters
+
+        return save_peft_adapters(model, path)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapters: the model has no LoRA adapters (call q4lab.add_lora)")
@@ -299,15 +308,24 @@ def _check_shape(name: str, part: str, got: torch.Tensor, want: torch.Tensor, pa
 
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
-    """Load adapters written by :func:`save_adapters` into ``model`` (in place; returns it).
+    """Load adapters into ``model`` (in place; returns it): a PEFT LoRA adapter directory (written
+    by PEFT's ``save_pretrained`` or by :func:`save_adapters`; ``q4lab.hf.read_peft_adapters``)
+    or a q4lab single adapter file.
 
     If the model has no adapters yet, they are added first (``add_lora`` on exactly the modules
     named in the file, with its r/alpha/dropout). Otherwise the file must name the same modules
     with the same r and alpha, and every tensor must have the adapter's shape: any mismatch is a
     ValueError listing what differs. A dtype different from the adapters' is converted, with a
     warning if that conversion is not exact."""
-    modules, meta = read_adapters(path)
-    r, alpha, dropout = int(meta["r"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        from .hf import read_peft_adapters
+
+        modules, r, alpha, dropout = read_peft_adapters(path)
+    else:
+        modules, meta = read_adapters(path)
+        r, alpha, dropout = int(meta["r"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
     if not lora_layers(model):
         model = add_lora(model, r, alpha, dropout, target_modules=sorted(modules))
     layers = lora_layers(model)

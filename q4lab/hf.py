@@ -1,0 +1,495 @@
+"""transformers directories both ways: ``save_pretrained`` / ``from_pretrained``, and PEFT adapters.
+
+Sources (transformers 5.24, bitsandbytes 0.50.2, peft 0.21.2, read from their code):
+- A bitsandbytes 4-bit checkpoint directory is what ``PreTrainedModel.save_pretrained`` writes for a
+  model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``: ``config.json`` whose
+  ``quantization_config`` is ``BitsAndBytesConfig.to_dict()`` (``quant_method: "bitsandbytes"``,
+  ``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``, ``bnb_4bit_compute_dtype``,
+  ``bnb_4bit_quant_storage``, ``llm_int8_skip_modules``), and safetensors whose 4-bit layers carry
+  bnb's keys ``<layer>.weight`` (packed uint8, ``(n/2, 1)``), ``.weight.absmax``,
+  ``.weight.quant_map``, ``.weight.nested_absmax``, ``.weight.nested_quant_map`` and
+  ``.weight.quant_state.bitsandbytes__<nf4|fp4>`` (``quantizers/quantizer_bnb_4bit.py::
+  serialized_names``; bnb ``QuantState.as_dict(packed=True)``; q4lab's ``interop`` module writes
+  and checks them, docs/bitsandbytes.md lists them). Loading, transformers replaces every
+  ``nn.Linear`` not matched by ``llm_int8_skip_modules`` (``quantizers_utils.py::
+  should_convert_module``: a name prefix, a regex or a suffix) with ``bnb.nn.Linear4bit`` and
+  rebuilds each weight with ``Params4bit.from_prequantized`` (``integrations/bitsandbytes.py``).
+  So ``save_pretrained`` lists every full-precision ``nn.Linear`` by full name there: with a list
+  given, transformers adds no default skips (``HfQuantizer.get_modules_to_not_convert``).
+- ``from_pretrained`` reads the same directory WITHOUT bitsandbytes: the transformers model is
+  built with empty (meta) parameters (``accelerate.init_empty_weights``), each 4-bit layer becomes
+  a ``q4lab.Linear4bit`` holding the file's bytes, everything else is assigned from the file.
+- PEFT adapter directories (``PeftModel.save_pretrained``): ``adapter_config.json`` (a
+  ``LoraConfig``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``,
+  ``target_modules``) and ``adapter_model.safetensors`` with keys
+  ``base_model.model.<module>.lora_A.weight`` (r x in) and ``.lora_B.weight`` (out x r)
+  (``utils/save_and_load.py::get_peft_model_state_dict``). PEFT's forward over a bnb 4-bit layer is
+  ``base(x) + lora_B(lora_A(dropout(x))) * lora_alpha / r`` (``tuners/lora/bnb.py::Linear4bit``),
+  the arithmetic of ``q4lab.LoRALinear4bit``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_QS = ".weight.quant_state.bitsandbytes__"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+PEFT_PREFIX = "base_model.model."
+
+
+# ---- the quantization_config transformers reads ---------------------------------------------------
+def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                            skip_modules) -> dict:
+    """``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` as transformers 5.24 writes it into
+    ``config.json`` (same keys, same values; the test suite compares it with the real one)."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type {quant_type!r} has no bitsandbytes equivalent (bnb stores "
+                         f"nf4 and fp4); re-quantize with quant_type='nf4' to save")
+    return {"_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_use_double_quant": bool(double_quant),
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": sorted(skip_modules), "llm_int8_threshold": 6.0,
+            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
+
+
+def check_quantization_config(qc, where) -> dict:
+    """The ``quantization_config`` of a checkpoint q4lab can open, or ValueError naming what is not
+    supported (no quantization, another method, 8-bit, a storage dtype other than uint8)."""
+    if qc is None:
+        raise ValueError(f"{where}: config.json has no quantization_config, so this is not a "
+                         f"4-bit checkpoint; load it with transformers and quantize it with "
+                         f"q4lab.quantize_model, or stream it with q4lab.quantize_checkpoint")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{where}: quantization_config must be a JSON object, got {qc!r}")
+    method = qc.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise ValueError(f"{where}: quant_method {method!r} is not supported; q4lab opens "
+                         f"bitsandbytes 4-bit (NF4/FP4) checkpoints only")
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        raise ValueError(f"{where}: this is a bitsandbytes 8-bit (LLM.int8, Linear8bitLt) "
+                         f"checkpoint; 8-bit checkpoints are not supported, q4lab opens 4-bit "
+                         f"NF4/FP4 ones")
+    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        raise ValueError(f"{where}: quantization_config has neither load_in_4bit nor "
+                         f"load_in_8bit set; not a bitsandbytes 4-bit checkpoint")
+    storage = qc.get("bnb_4bit_quant_storage", "uint8")
+    if storage != "uint8":
+        raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported (q4lab "
+                         f"reads 4-bit codes packed in uint8, bitsandbytes' default)")
+    return qc
+
+
+# ---- building transformers models without loading weights ----------------------------------------
+def model_class(config):
+    """The transformers class named by ``config.architectures`` (else AutoModelForCausalLM's, else
+    AutoModel's)."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            return auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+    raise ValueError(f"transformers has no model class for config {type(config).__name__} "
+                     f"(architectures={getattr(config, 'architectures', None)})")
+
+
+def empty_model(config, buffers: bool = False) -> nn.Module:
+    """A transformers model of ``config`` whose parameters are on the meta device (no memory);
+    ``buffers=True`` keeps buffers real (rotary tables are computed in ``__init__`` and are not
+    in the checkpoint: ``accelerate.init_empty_weights(include_buffers=False)``)."""
+    cls = model_class(config)
+    if buffers:
+        try:
+            from accelerate import init_empty_weights
+        except ImportError as exc:
+            raise ImportError("q4lab.from_pretrained needs accelerate (pip install accelerate, "
+                              "part of q4lab[models])") from exc
+        with init_empty_weights(include_buffers=False):
+            return cls(config).eval()
+    with torch.device("meta"):
+        return cls(config).eval()
+
+
+def tied_targets(model: nn.Module) -> set:
+    """Parameter names transformers re-ties on load instead of reading them (``lm_head.weight``
+    of a model with ``tie_word_embeddings``): ``all_tied_weights_keys`` (5.x) or
+    ``_tied_weights_keys`` (4.x)."""
+    keys = getattr(model, "all_tied_weights_keys", None)
+    if keys is None:
+        keys = getattr(model, "_tied_weights_keys", None) or ()
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+        return set()
+    return set(keys)
+
+
+# ---- save_pretrained ---------------------------------------------------------------------------
+def _unwrapped_state_dict(model: nn.Module) -> dict:
+    """``to_bnb_state_dict(model)`` with every LoRA wrapper replaced by its 4-bit base (the
+    adapters are saved separately: ``q4lab.save_adapters``)."""
+    from .interop import to_bnb_state_dict
+    from .lora import lora_layers
+
+    state = to_bnb_state_dict(model)
+    wrappers = [n for n in lora_layers(model) if n]
+    if not wrappers:
+        return state
+    out = {}
+    for key, t in state.items():
+        for w in wrappers:
+            if key.startswith(w + ".base."):
+                key = w + "." + key[len(w) + 6:]
+                break
+            if key.startswith(w + ".lora_"):
+                key = None
+                break
+        if key is not None:
+            out[key] = t
+    return out
+
+
+def _layers(model: nn.Module) -> tuple[dict, list]:
+    """({name: Linear4bit} with LoRA bases under their wrapper's name, [names of the
+    full-precision nn.Linear layers])."""
+    from .lora import LoRALinear4bit
+    from .nn import Linear4bit
+
+    quant, dense, inside = {}, [], []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(m, LoRALinear4bit):
+            quant[name] = m.base
+            inside.append(name + ".")
+        elif isinstance(m, Linear4bit):
+            quant[name] = m
+        elif isinstance(m, nn.Linear) and name:
+            dense.append(name)
+    return quant, dense
+
+
+def _one(values: dict, what: str):
+    kinds = sorted({str(v) for v in values.values()})
+    if len(kinds) != 1:
+        by = {k: sorted(n for n, v in values.items() if str(v) == k)[:3] for k in kinds}
+        raise ValueError(f"the 4-bit layers use different {what} ({by}); a transformers "
+                         f"quantization_config holds one value, re-quantize with a single one")
+    return next(iter(values.values()))
+
+
+def _quant_config_of(quant: dict, dense: list) -> dict:
+    states = {n: m.quant_state for n, m in quant.items()}
+    return bnb_quantization_config(
+        _one({n: s.quant_type for n, s in states.items()}, "quant types"),
+        _one({n: s.nested for n, s in states.items()}, "double-quant settings"),
+        _one({n: m.compute_dtype for n, m in quant.items()}, "compute dtypes"), dense)
+
+
+def _dedupe_tied(model: nn.Module, state: dict) -> dict:
+    """Drop the names under which a tied tensor appears a second time, keeping the name
+    transformers reads (``model.embed_tokens.weight``, not ``lm_head.weight``)."""
+    targets = tied_targets(model)
+    seen: dict = {}
+    for k, t in state.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+        if t.numel() and ident in seen:
+            if seen[ident] in targets and k not in targets:
+                seen[ident] = k
+            continue
+        seen.setdefault(ident, k)
+    keep = set(seen.values()) | {k for k, t in state.items() if not t.numel()}
+    return {k: t for k, t in state.items() if k in keep}
+
+
+def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size="5GB",
+                    progress: bool = False) -> Path:
+    """Write a q4lab-quantized transformers model as a transformers + bitsandbytes 4-bit directory:
+    ``config.json`` (with transformers' bitsandbytes ``quantization_config``), safetensors in
+    bitsandbytes' keys (sharded above ``max_shard_size``, with ``model.safetensors.index.json``),
+    ``generation_config.json`` and the tokenizer's files when given. LoRA adapters are not part of
+    it (their 4-bit bases are): save them with ``q4lab.save_adapters(model, directory)``.
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it with bitsandbytes
+    installed, ``q4lab.from_pretrained(directory)`` without. Written to a temporary directory and
+    moved into place at the end. Returns the directory."""
+    from .checkpoint import ShardWriter, commit_directory, parse_size
+
+    config = getattr(model, "config", None)
+    if not (isinstance(model, nn.Module) and hasattr(config, "to_dict")
+            and hasattr(config, "save_pretrained")):
+        raise TypeError(f"save_pretrained writes a transformers directory and needs a transformers "
+                        f"model (with .config), got {type(model).__name__}; for any nn.Module "
+                        f"use q4lab.save(model, path)")
+    quant, dense = _layers(model)
+    if not quant:
+        raise ValueError("save_pretrained: the model has no 4-bit layers; quantize it first "
+                         "(q4lab.quantize_model)")
+    qc = _quant_config_of(quant, dense)
+    state = _dedupe_tied(model, _unwrapped_state_dict(model))
+    config = copy.deepcopy(config)
+    if tied_targets(model) & {f"{n}.weight" for n in quant}:
+        config.tie_word_embeddings = False  # a 4-bit output layer is no longer the embedding
+    config.quantization_config = qc
+    directory = Path(directory)
+    tmp = _tmp_dir(directory)
+    try:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        for group in _groups(state, quant):
+            writer.add(group)
+        writer.finish()
+        config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        commit_directory(tmp, directory, replace="merge")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _tmp_dir(directory: Path) -> Path:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+
+
+def _groups(state: dict, quant: dict):
+    """One group per 4-bit layer (its ``weight*`` entries stay in one shard), one per other
+    tensor, in order of their first key: the order ``q4lab.quantize_checkpoint`` writes, so both
+    produce the same shards byte for byte."""
+    weights = {f"{n}.weight" for n in quant}
+    groups: dict = {}
+    for key, t in state.items():
+        head = key[:key.index(".weight.") + 7] if ".weight." in key else key
+        groups.setdefault(head if head in weights else key, {})[key] = t
+    for name in sorted(groups):
+        yield groups[name]
+
+
+# ---- from_pretrained ------------------------------------------------------------------------------
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (q4lab.from_pretrained opens a "
+                                f"local transformers checkpoint directory)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; not a transformers checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progress: bool = False):
+    """Open a bitsandbytes 4-bit transformers directory (what transformers + bitsandbytes'
+    ``save_pretrained`` writes, or :func:`save_pretrained`) as a transformers model whose 4-bit
+    layers are ``q4lab.Linear4bit`` holding the file's bytes unchanged; bitsandbytes is not needed.
+    Compute dtype: ``compute_dtype``, else the file's ``bnb_4bit_compute_dtype``. Every other
+    tensor is assigned from the file as stored. 8-bit checkpoints, other quantization methods and
+    layouts q4lab cannot represent raise ValueError naming what is unsupported."""
+    from .checkpoint import inventory, read_tensor
+    from .interop import parse_layer
+    from .nn import Linear4bit
+    from .ops import DTYPE_OF_NAME
+
+    directory = Path(directory)
+    raw = _read_config(directory)
+    qc = check_quantization_config(raw.get("quantization_config"), directory)
+    if compute_dtype is None:
+        compute_dtype = DTYPE_OF_NAME.get(str(qc.get("bnb_4bit_compute_dtype") or "float32")
+                                          .removeprefix("torch."))
+        if compute_dtype is None:
+            raise ValueError(f"{directory}: bnb_4bit_compute_dtype "
+                             f"{qc.get('bnb_4bit_compute_dtype')!r} is not float32, float16 or "
+                             f"bfloat16")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(directory))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    entries, _ = inventory(directory)
+    state = {k: read_tensor(e) for k, e in entries.items()}
+    prefixes = sorted({k[:k.index(_QS)] for k in state if _QS in k})
+    if not prefixes:
+        raise ValueError(f"{directory}: config.json says 4-bit but no tensor carries a "
+                         f"'*{_QS}<nf4|fp4>' entry")
+    model = empty_model(config, buffers=True)
+    used = set()
+    for prefix in prefixes:
+        try:
+            packed, qstate, bias = parse_layer(state, prefix)
+        except ValueError as exc:
+            raise ValueError(f"{directory}: {exc}") from exc
+        module = _module_for(model, prefix, qstate.shape, directory)
+        model.set_submodule(prefix, Linear4bit(qstate.shape[1], qstate.shape[0], packed, qstate,
+                                               bias, compute_dtype))
+        used |= {k for k in state if k == prefix + ".weight" or k.startswith(prefix + ".weight.")
+                 or k == prefix + ".bias"}
+        del module
+    _assign_rest(model, {k: v for k, v in state.items() if k not in used}, directory)
+    return model.eval()
+
+
+def _module_for(model, prefix, shape, directory):
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError as exc:
+        raise ValueError(f"{directory}: the checkpoint has a 4-bit layer {prefix!r} that "
+                         f"{type(model).__name__} does not have") from exc
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear):
+        want = (module.out_features, module.in_features)
+    elif kind == "Conv1D":  # GPT-2 style: weight (in, out); bnb stores it transposed, as Linear
+        want = tuple(module.weight.shape[::-1])
+    else:
+        raise ValueError(f"{directory}: {prefix!r} is a {kind}; q4lab puts 4-bit weights only "
+                         f"in Linear (or transformers Conv1D) layers")
+    if tuple(shape) != want:
+        raise ValueError(f"{directory}: layer {prefix!r} stores a {tuple(shape)} weight but the "
+                         f"model's layer is {want}")
+    return module
+
+
+def _assign_rest(model, state: dict, directory) -> None:
+    own = model.state_dict(keep_vars=True)
+    targets = tied_targets(model)
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ValueError(f"{directory}: tensors the model has no place for (an unsupported "
+                         f"layout?): {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{directory}: {k!r} has shape {tuple(v.shape)}, the model's is "
+                             f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if targets:
+        model.tie_weights()
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise ValueError(f"{directory}: the checkpoint lacks {left[:6]}"
+                         f"{' ...' if len(left) > 6 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# ---- PEFT adapter directories -------------------------------------------------------------------
+def _target_names(model: nn.Module, names: list) -> list:
+    """PEFT ``target_modules``: the short names (``q_proj``) when they match exactly the adapted
+    layers among the model's linear layers (PEFT matches ``name == t or name.endswith('.' + t)``),
+    else the full names."""
+    quant, dense = _layers(model)
+    candidates = set(quant) | set(dense)
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    hit = {c for c in candidates if any(c == t or c.endswith("." + t) for t in short)}
+    return short if hit == set(names) else sorted(names)
+
+
+def save_peft_adapters(model: nn.Module, directory) -> dict:
+    """Write ``model``'s LoRA adapters as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors`` with PEFT's key names); returns the config written."""
+    from safetensors.torch import save_file
+
+    from .lora import _common, lora_layers
+
+    layers = {n: m for n, m in lora_layers(model).items() if n}
+    if not layers:
+        raise ValueError("save_adapters: the model has no LoRA adapters (call q4lab.add_lora)")
+    r, alpha = _common(layers, "r"), _common(layers, "alpha")
+    dropout = max(float(getattr(m.lora_dropout, "p", 0.0)) for m in layers.values())
+    causal = type(model).__name__.endswith("ForCausalLM")
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None,
+           "base_model_name_or_path": None, "r": r,
+           "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+           "lora_dropout": dropout, "target_modules": _target_names(model, sorted(layers)),
+           "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+           "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+           "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+           "layers_to_transform": None, "layers_pattern": None}
+    tensors = {}
+    for name, m in layers.items():
+        for part in ("lora_A", "lora_B"):
+            w = getattr(m, part).weight.detach().cpu().contiguous()
+            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = w
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True)
+                                                   + "\n")
+    return cfg
+
+
+def read_peft_adapters(directory) -> tuple[dict, int, float, float]:
+    """Read a PEFT LoRA adapter directory: ({module: {"lora_A": A, "lora_B": B}}, r, alpha,
+    dropout). Anything q4lab's LoRA layer does not compute (DoRA, rsLoRA, per-module ranks,
+    trained biases, modules_to_save, embedding adapters) is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, st_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for p in (cfg_path, st_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{directory} is not a PEFT adapter directory: {p.name} is "
+                                    f"missing (pytorch .bin adapters are not read)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    _check_peft_config(cfg, cfg_path)
+    try:
+        tensors = load_file(str(st_path))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ValueError(f"{st_path}: not readable as safetensors ({exc})") from exc
+    modules: dict = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        head, dot, part = name.rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{st_path}: key {key!r} is not a LoRA A/B weight (q4lab reads "
+                             f"'<module>.lora_A.weight' and '.lora_B.weight' only)")
+        modules.setdefault(head, {})["lora_" + part[0]] = t
+    unpaired = sorted(n for n, d in modules.items() if len(d) != 2)
+    if unpaired or not modules:
+        raise ValueError(f"{st_path}: modules with only one of lora_A / lora_B: {unpaired}"
+                         if unpaired else f"{st_path} holds no adapter weights")
+    return modules, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), \
+        float(cfg.get("lora_dropout") or 0.0)
+
+
+def _check_peft_config(cfg, path) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; q4lab "
+                         f"loads LoRA adapters (peft_type 'LORA')")
+    unsupported = [k for k, default in (("use_dora", False), ("use_rslora", False),
+                                        ("fan_in_fan_out", False), ("modules_to_save", None),
+                                        ("rank_pattern", {}), ("alpha_pattern", {}),
+                                        ("layer_replication", None), ("use_qalora", False),
+                                        ("trainable_token_indices", None))
+                   if cfg.get(k) not in (default, None, {}, [], False)]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append(f"bias={cfg['bias']!r}")
+    if unsupported:
+        raise ValueError(f"{path}: adapter options q4lab's LoRA layer does not compute: "
+                         f"{unsupported} (q4lab: y = base(x) + (lora_alpha/r) B A x)")
+    if isinstance(cfg.get("r"), bool) or not isinstance(cfg.get("r"), int):
+        raise ValueError(f"{path}: r must be an integer, got {cfg.get('r')!r}")
+
+
+def is_adapter_directory(path) -> bool:
+    return os.path.isdir(path)
