@@ -13,7 +13,7 @@ from .state import QuantState, bits_per_param, storage_bytes
 __version__ = "0.1.0"
 
 _LAZY = {
-    "quantize_4bit": "ops", "dequantize_4bit": "ops", "backends": "ops",
+    "quantize_4bit": "ops", "dequantize_4bit": "ops", "backends": "ops", "matmul_4bit": "matmul",
     "Linear4bit": "nn", "Q4Config": "nn", "quantize_model": "quantize", "save": "files",
     "load": "files",
     "report": "report", "Report": "report",
@@ -23,7 +23,7 @@ _LAZY = {
     "save_pretrained": "hf", "from_pretrained": "hf", "quantize_checkpoint": "stream",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
-               "interop", "quantize", "files", "metrics")
+               "interop", "quantize", "files", "metrics", "matmul")
 _SUBMODULES += ("hf", "checkpoint", "stream")
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]

@@ -2,9 +2,10 @@
 
 Sources: bitsandbytes ``nn/modules.py::Linear4bit`` and ``autograd/_functions.py::MatMul4Bit``: the
 weight [out_features, in_features] is flattened row-major and quantized; forward dequantizes to the
-compute dtype and calls ``F.linear``; backward gives a gradient for the input only (the packed
-weight is frozen and never gets one). ``Q4Config`` holds QLoRA's defaults (arXiv 2305.14314 §3:
-NF4, blocksize 64, double quant, bf16 compute).
+compute dtype and calls ``F.linear``, except for inputs of a few rows (decoding), where it runs the
+fused ``q4lab.matmul_4bit`` on the packed bytes (bitsandbytes: ``gemv_4bit``); backward gives a
+gradient for the input only (the packed weight is frozen and never gets one). ``Q4Config`` holds
+QLoRA's defaults (arXiv 2305.14314 §3: NF4, blocksize 64, double quant, bf16 compute).
 
 One job per module (docs/architecture.md): the model walk ``quantize_model`` is in
 ``q4lab.quantize``, ``save`` / ``load`` in ``q4lab.files``, ``error_stats`` in ``q4lab.metrics``.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import matmul as fused_matmul
 from . import ops
 from .reference.api import check_blocksize, check_quant_type
 from .state import QuantState, bits_per_param
@@ -59,8 +61,9 @@ class Linear4bit(nn.Module):
                  state: QuantState, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"compute_dtype={compute_dtype!r} is not float32, float16 or bfloat16")
+        if compute_dtype not in ops.TORCH_DTYPES:
+            raise TypeError(f"compute_dtype={compute_dtype!r} is not one of "
+                            f"{tuple(ops.TORCH_DTYPES)}")
         if tuple(state.shape) != (out_features, in_features):
             raise ValueError(f"state shape {tuple(state.shape)} does not match a "
                              f"({out_features}, {in_features}) weight")
@@ -85,10 +88,30 @@ class Linear4bit(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.dequantize_4bit(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
 
+    #: Which matmul ``forward`` runs: "auto" (the fused kernel for inputs of at most
+    #: ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native kernel is available, dequantize +
+    #: ``F.linear`` otherwise), "fused" or "dequantize" (forced, e.g. to compare them). Settable per
+    #: layer or on the class.
+    matmul_path: str = "auto"
+
+    def uses_fused(self, x: torch.Tensor) -> bool:
+        """True if ``forward(x)`` runs the fused matmul (``q4lab.matmul_4bit``)."""
+        path = self.matmul_path
+        if path not in ("auto", "fused", "dequantize"):
+            raise ValueError(f"matmul_path={path!r} is not 'auto', 'fused' or 'dequantize'")
+        if path != "auto":
+            return path == "fused"
+        rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
+        return rows <= fused_matmul.FUSED_MAX_ROWS and ops.kernel_status(x.device.type) is True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = _DequantMatmul.apply(x.to(self.compute_dtype), self.packed, self.quant_state, bias)
+        x = x.to(self.compute_dtype)
+        if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
+            y = fused_matmul.matmul_4bit(x.contiguous(), self.packed, self.quant_state, bias)
+        else:                   # prefill / training: dequantize once, one float matmul
+            y = _DequantMatmul.apply(x, self.packed, self.quant_state, bias)
         return y.to(in_dtype)
 
     def _apply(self, fn, recurse=True):
@@ -107,7 +130,7 @@ class Linear4bit(nn.Module):
 
 
 # ---- how to quantize a model --------------------------------------------------------------------
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPUTE_DTYPES = tuple(ops.TORCH_DTYPES)
 
 
 @dataclass
