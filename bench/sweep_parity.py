@@ -1,4 +1,4 @@
-"""Large random sweep: the C++ kernels against the NumPy reference, byte for byte (DESIGN.md §4).
+"""Large random sweep: the C++ kernels against the NumPy reference, byte for byte (docs/format.md).
 
 Each case draws a length, blocksize, quant type, input dtype, double quant on/off, output dtype and
 a value distribution (Gaussian at random scales, values on the thresholds and ±1 ulp, subnormals,
@@ -26,28 +26,27 @@ from tqdm.auto import tqdm
 
 import q4lab
 from q4lab import _kernels
-from q4lab import reference as ref
-from q4lab.testing import boundary_values, byte_mismatch, round_to_dtype
+from q4lab.constants import BLOCKSIZES, DTYPES, QUANT_TYPES
+from q4lab.testing import boundary_values, parity_mismatches, round_to_dtype
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KINDS = ("normal", "boundary", "subnormal", "huge", "zeros", "mixed")
 
 
 def draw_case(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    blocksize = int(rng.choice(ref.BLOCKSIZES))
-    quant_type = str(rng.choice(["nf4", "fp4", "int4"]))
+    blocksize = int(rng.choice(BLOCKSIZES))
+    quant_type = str(rng.choice(QUANT_TYPES))
     n = int(rng.integers(1, 4 * blocksize)) if rng.random() < 0.9 else int(rng.integers(1, 40_000))
     kind = str(rng.choice(KINDS))
-    dtype = str(rng.choice(list(TORCH)))
+    dtype = str(rng.choice(DTYPES))
     x = np.clip(draw_values(rng, kind, n, quant_type), -3e38, 3e38)  # finite in float32
     if dtype == "float16":
         x = np.clip(x, -65504, 65504)
     x = round_to_dtype(x.astype(np.float32), dtype)
     return {"seed": seed, "x": x, "blocksize": blocksize, "quant_type": quant_type, "dtype": dtype,
             "kind": kind, "double_quant": bool(rng.random() < 0.7),
-            "out_dtype": str(rng.choice(list(TORCH)))}
+            "out_dtype": str(rng.choice(DTYPES))}
 
 
 def draw_values(rng, kind: str, n: int, quant_type: str) -> np.ndarray:
@@ -72,25 +71,11 @@ def draw_values(rng, kind: str, n: int, quant_type: str) -> np.ndarray:
 
 
 def compare(case: dict) -> str | None:
-    """None if every output matches, else the first mismatch."""
-    x, bs, qt, dq = case["x"], case["blocksize"], case["quant_type"], case["double_quant"]
-    p_ref, s_ref = ref.quantize_4bit(x, bs, qt, dq, dtype=case["dtype"])
-    w = torch.from_numpy(x).to(TORCH[case["dtype"]])
-    p_cpu, s_cpu = q4lab.quantize_4bit(w, bs, qt, dq, backend="cpu")
-    pairs = [("packed", p_ref, p_cpu), ("absmax", s_ref.absmax, s_cpu.absmax)]
-    if dq:
-        pairs += [("offset", np.asarray(s_ref.offset, np.float32), s_cpu.offset.reshape(())),
-                  ("absmax2", s_ref.state2.absmax, s_cpu.state2.absmax)]
-    out = case["out_dtype"]
-    want = ref.dequantize_4bit(p_ref, s_ref, out)
-    if out == "bfloat16":
-        want = torch.from_numpy(want).to(torch.bfloat16)
-    pairs.append((f"dequant {out}", want, q4lab.dequantize_4bit(p_cpu, s_cpu, TORCH[out], "cpu")))
-    for name, a, b in pairs:
-        msg = byte_mismatch(a, b)
-        if msg:
-            return f"{name}: {msg}"
-    return None
+    """None if every output matches, else the first mismatch (``q4lab.testing.parity_mismatches``:
+    packed, state, offset, nested and decoded absmax, the dequantized output)."""
+    found = parity_mismatches(case["x"], case["dtype"], case["blocksize"], case["quant_type"],
+                              case["double_quant"], backend="cpu", out_dtypes=(case["out_dtype"],))
+    return next((f"{name}: {msg}" for name, msg in found.items()), None)
 
 
 def summary(args, counts: dict, failures: list, seconds: float) -> dict:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import torch
 
 from . import _build
+from .constants import NESTED_BLOCKSIZE
 
+#: The quantization ops of ``csrc/q4_cpu.cpp``; each also has an ``<op>_out`` form writing into
+#: given tensors (tests/test_kernels.py opchecks every one of them).
+OPS = ("quantize_4bit", "quantize_absmax", "dequantize_absmax", "dequantize_4bit")
 _status: dict = {}
 _fakes_registered = False
 
@@ -54,7 +58,8 @@ def quantize_4bit(flat: torch.Tensor, blocksize: int, quant_type: str):
 
 
 def quantize_absmax(absmax: torch.Tensor, offset: torch.Tensor | None = None):
-    """(codes uint8 [nblocks], absmax2 float32 [ceil(nblocks/256)], offset 0-d float32)."""
+    """(codes uint8 [nblocks], absmax2 float32 [ceil(nblocks / NESTED_BLOCKSIZE)], offset 0-d
+    float32)."""
     _require(absmax)
     codes, absmax2, off = torch.ops.q4lab.quantize_absmax(absmax, offset)
     return codes, absmax2, off
@@ -96,7 +101,7 @@ def _register_fakes() -> None:
     def _(absmax, offset):
         n = absmax.numel()
         return (absmax.new_empty((n,), dtype=torch.uint8),
-                absmax.new_empty((_cdiv(n, 256),), dtype=torch.float32),
+                absmax.new_empty((_cdiv(n, NESTED_BLOCKSIZE),), dtype=torch.float32),
                 absmax.new_empty((), dtype=torch.float32))
 
     @torch.library.register_fake(lib + "dequantize_absmax")
@@ -107,9 +112,8 @@ def _register_fakes() -> None:
     def _(packed, absmax, blocksize, quant_type, n, dtype):
         return packed.new_empty((n,), dtype=dtype)
 
-    for name in ("quantize_4bit_out", "quantize_absmax_out", "dequantize_absmax_out",
-                 "dequantize_4bit_out"):
-        torch.library.register_fake(lib + name)(_fake_out)
+    for name in OPS:
+        torch.library.register_fake(lib + name + "_out")(_fake_out)
 
 
 def _fake_out(*args, **kwargs):

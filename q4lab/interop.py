@@ -1,15 +1,14 @@
 """bitsandbytes state-dict interop: ``to_bnb_state_dict`` / ``from_bnb_state_dict``.
 
 Source: bitsandbytes 0.50.2 ``functional.py::QuantState.as_dict(packed=True)`` / ``from_dict`` and
-``nn/modules.py::Linear4bit._save_to_state_dict`` (bnb-4bit-format.md §7, the project notes on bnb 0.50.2). A 4-bit
-layer ``<p>`` is stored as ``<p>.weight`` (packed uint8, shape ``((n+1)//2, 1)``),
-``<p>.weight.absmax``, ``<p>.weight.quant_map`` (16 float32), and with double quant
-``<p>.weight.nested_absmax`` and ``<p>.weight.nested_quant_map`` (256 float32), plus
-``<p>.weight.quant_state.bitsandbytes__<nf4|fp4>``: a uint8 tensor of the UTF-8 JSON
-``{"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
-"nested_offset"}`` (``QuantState.bnb_json``). Every other entry is the module's ordinary state dict.
-q4lab's "int4" has no bitsandbytes equivalent and is refused. Loading checks everything first and
-only then changes the model.
+``nn/modules.py::Linear4bit._save_to_state_dict`` (docs/format.md §10). A 4-bit layer ``<p>`` is
+stored as ``<p>.weight`` (packed uint8, shape ``((n+1)//2, 1)``), ``<p>.weight.absmax``,
+``<p>.weight.quant_map`` (16 float32), and with double quant ``<p>.weight.nested_absmax`` and
+``<p>.weight.nested_quant_map`` (256 float32), plus ``<p>.weight.quant_state.bitsandbytes__<nf4|fp4>``:
+a uint8 tensor of the UTF-8 JSON ``{"quant_type", "blocksize", "dtype", "shape",
+"nested_blocksize", "nested_dtype", "nested_offset"}`` (``QuantState.bnb_json``). Every other
+entry is the module's ordinary state dict. q4lab's "int4" has no bitsandbytes equivalent and is
+refused. Loading checks everything first and only then changes the model.
 """
 from __future__ import annotations
 
@@ -21,10 +20,12 @@ from torch import nn
 
 from . import ops
 from . import reference as ref
-from .reference.api import check_blocksize
+from .constants import BNB_QUANT_TYPES, CODES, DYNAMIC_CODES, NESTED_BLOCKSIZE, NESTED_DTYPE, \
+    NESTED_QUANT_TYPE
 from .nn import Linear4bit
 from .quantize import set_submodule
-from .state import QuantState
+from .reference.api import check_blocksize
+from .state import QuantState, nested_state
 
 _QS = "weight.quant_state.bitsandbytes__"
 
@@ -33,7 +34,7 @@ _QS = "weight.quant_state.bitsandbytes__"
 def layer_state_dict(layer: Linear4bit) -> dict:
     """One layer's bitsandbytes keys (without prefix): weight, weight.*, bias."""
     s = layer.quant_state
-    if s.quant_type not in ("nf4", "fp4"):
+    if s.quant_type not in BNB_QUANT_TYPES:
         raise ValueError(f"quant_type {s.quant_type!r} has no bitsandbytes equivalent (bnb stores "
                          f"only nf4 and fp4); re-quantize with quant_type='nf4' to export")
     out = {"weight": layer.packed.reshape(-1, 1), "weight.absmax": s.absmax,
@@ -126,7 +127,7 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
     missing = [k for k in need if k not in meta]
     if missing:
         raise ValueError(f"{qs_keys[0]!r}: JSON lacks {missing}")
-    if meta["quant_type"] != qt or qt not in ("nf4", "fp4"):
+    if meta["quant_type"] != qt or qt not in BNB_QUANT_TYPES:
         raise ValueError(f"{qs_keys[0]!r}: quant_type {meta['quant_type']!r} does not match the "
                          f"key suffix {qt!r} (bitsandbytes stores nf4 or fp4)")
     shape = meta["shape"]
@@ -146,7 +147,7 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
     absmax = _tensor(sd, p + "weight.absmax", torch.uint8 if nested else torch.float32,
                      (nblocks,))
     _check_table(p + "weight.quant_map", _tensor(sd, p + "weight.quant_map", torch.float32,
-                                                 (16,)), ref.codebook(qt))
+                                                 (CODES,)), ref.codebook(qt))
     state = QuantState(shape=tuple(shape), dtype=str(meta["dtype"]), blocksize=bs, quant_type=qt,
                        code=ops._table(qt, raw.device), absmax=absmax)
     if nested:
@@ -172,19 +173,21 @@ def _blocksize(value, key: str) -> int:
 
 
 def _nested_parts(sd, p, meta, nblocks, device):
-    if meta.get("nested_blocksize", 256) != 256 or meta.get("nested_dtype",
-                                                            "float32") != "float32":
-        raise ValueError(f"{p}{_QS}: nested_blocksize must be 256 and nested_dtype float32, got "
-                         f"{meta.get('nested_blocksize')!r}, {meta.get('nested_dtype')!r}")
+    if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE or \
+            meta.get("nested_dtype", NESTED_DTYPE) != NESTED_DTYPE:
+        raise ValueError(f"{p}{_QS}: nested_blocksize must be {NESTED_BLOCKSIZE} and nested_dtype "
+                         f"{NESTED_DTYPE}, got {meta.get('nested_blocksize')!r}, "
+                         f"{meta.get('nested_dtype')!r}")
     offset = meta.get("nested_offset")
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not np.isfinite(
             offset) or float(np.float32(offset)) != float(offset):
         raise ValueError(f"{p}{_QS}: nested_offset {offset!r} is not a finite float32 value")
-    absmax2 = _tensor(sd, p + "weight.nested_absmax", torch.float32, (-(-nblocks // 256),))
+    absmax2 = _tensor(sd, p + "weight.nested_absmax", torch.float32,
+                      (-(-nblocks // NESTED_BLOCKSIZE),))
     _check_table(p + "weight.nested_quant_map",
-                 _tensor(sd, p + "weight.nested_quant_map", torch.float32, (256,)),
+                 _tensor(sd, p + "weight.nested_quant_map", torch.float32, (DYNAMIC_CODES,)),
                  ref.dynamic_map())
-    state2 = ops._nested_state(nblocks, absmax2, device)
+    state2 = nested_state(nblocks, absmax2, ops._table(NESTED_QUANT_TYPE, device))
     return torch.tensor(float(offset), dtype=torch.float32, device=device), state2
 
 

@@ -4,7 +4,8 @@ Source: QLoRA (Dettmers et al., arXiv 2305.14314) §1 and §3: full 16-bit fine-
 needs > 780 GB (16-bit weights and gradients + two 32-bit Adam states = 12 bytes/param), QLoRA fits
 it in < 48 GB: NF4 base with double quantization (4.127 bits/param at blocksize 64), 16-bit
 adapters, 32-bit optimizer states only for the adapters, paged optimizers and gradient
-checkpointing. Byte counts: ``q4lab.state.storage_bytes`` (real stored bytes of a quantized model);
+checkpointing. Byte counts: ``q4lab.state.storage_bytes`` (real stored bytes of a quantized model)
+and ``storage_bytes_for`` (the same formula for a parameter count);
 bitsandbytes ``optim/optimizer.py::Optimizer2State.init_state`` (8-bit states: 1 byte/param/state
 plus a float32 absmax per 256 elements; tensors under 4096 elements keep float32 states).
 
@@ -21,14 +22,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .state import storage_bytes
+from .constants import DTYPE_BYTES
+from .ops import TORCH_DTYPES
+from .state import storage_bytes, storage_bytes_for
 
 OPTIMIZERS = ("adamw", "adam", "adamw_8bit", "paged_adamw", "sgd", "sgd_momentum")
+#: bitsandbytes' 8-bit optimizer states: one float32 absmax per this many elements, and tensors
+#: below ``_8BIT_MIN_NUMEL`` elements keep float32 states (``Optimizer2State.init_state``).
+_8BIT_BLOCK, _8BIT_MIN_NUMEL = 256, 4096
 NOT_INCLUDED = ("activations (reduced by gradient checkpointing; grow with batch x sequence x "
                 "layers), the transient dequantized weight of one layer, framework/CUDA context, "
                 "allocator fragmentation, input batches")
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, torch.float32: 4, torch.float16: 2,
-          torch.bfloat16: 2}
+_BYTES = {**DTYPE_BYTES, **{d: DTYPE_BYTES[name] for d, name in TORCH_DTYPES.items()}}
 
 
 def optimizer_bytes(numel: int, optimizer: str) -> int:
@@ -36,9 +41,9 @@ def optimizer_bytes(numel: int, optimizer: str) -> int:
     if optimizer in ("adamw", "adam", "paged_adamw"):
         return 8 * numel  # exp_avg + exp_avg_sq, float32 (paged: same bytes, may live in CPU RAM)
     if optimizer == "adamw_8bit":
-        if numel < 4096:
+        if numel < _8BIT_MIN_NUMEL:
             return 8 * numel
-        return 2 * (numel + 4 * -(-numel // 256))
+        return 2 * (numel + 4 * -(-numel // _8BIT_BLOCK))
     if optimizer == "sgd_momentum":
         return 4 * numel
     if optimizer == "sgd":
@@ -132,24 +137,15 @@ def _arithmetic_counts(counts: Mapping, baseline_dtype, adapter_dtype, quant_typ
                        double_quant) -> dict:
     """Counts given as numbers: base_params (quantized), other_params (kept in 16-bit) and
     adapter_params. The 4-bit bytes use the storage rule over the whole base as one tensor."""
-    from .state import QuantState
-
     unknown = set(counts) - {"base_params", "other_params", "adapter_params"}
     if unknown or "base_params" not in counts:
         raise ValueError(f"param counts need 'base_params' (and optionally 'other_params', "
                          f"'adapter_params'); got keys {sorted(counts)}")
     n_base, n_other = int(counts["base_params"]), int(counts.get("other_params", 0))
     n_adapt = int(counts.get("adapter_params", 0))
-    nblocks = -(-n_base // blocksize)
-    state = QuantState((n_base,), "float32", blocksize, quant_type, None,
-                       torch.empty(nblocks, dtype=torch.uint8 if double_quant else torch.float32,
-                                   device="meta"))
-    if double_quant:
-        state.offset = 0.0
-        state.state2 = QuantState((nblocks,), "float32", 256, "dynamic", None,
-                                  torch.empty(-(-nblocks // 256), device="meta"))
     dense = _BYTES[baseline_dtype]
-    return {"base": sum(storage_bytes(state).values()) + n_other * dense,
+    return {"base": sum(storage_bytes_for(n_base, blocksize, double_quant).values())
+            + n_other * dense,
             "base_dense": (n_base + n_other) * dense,
             "trainable": [(n_adapt, _BYTES[adapter_dtype])] if n_adapt else [],
             "all_params": n_base + n_other}

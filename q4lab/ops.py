@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from . import reference as ref
+from .constants import DTYPES, NESTED_QUANT_TYPE
 from .reference.api import check_blocksize, check_offset, check_quant_type
-from .state import QuantState
+from .state import QuantState, nested_state
 
-TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-DTYPE_OF_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+#: torch dtype -> name and back, for the dtypes of ``constants.DTYPES`` (the one torch-side map).
+TORCH_DTYPES = {getattr(torch, name): name for name in DTYPES}
+DTYPE_OF_NAME = {name: dtype for dtype, name in TORCH_DTYPES.items()}
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 _warned_fallback = False
 
@@ -95,19 +97,15 @@ def _raise_non_finite(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) 
                      f"4-bit quantization needs finite values")
 
 
-def _nested_state(nblocks: int, absmax2, device) -> QuantState:
-    return QuantState(shape=(nblocks,), dtype="float32", blocksize=256, quant_type="dynamic",
-                      code=_table("dynamic", device), absmax=absmax2)
-
-
 _TABLES: dict = {}
 
 
 def _table(name: str, device) -> torch.Tensor:
-    """Shared codebook tensors, one per (name, device): states point at them, never copy them."""
+    """Shared codebook tensors, one per (name, device): states point at them, never copy them.
+    ``name`` is a quant type or ``"dynamic"`` (the nested map)."""
     key = (name, str(device))
     if key not in _TABLES:
-        values = ref.dynamic_map() if name == "dynamic" else ref.codebook(name)
+        values = ref.dynamic_map() if name == NESTED_QUANT_TYPE else ref.codebook(name)
         _TABLES[key] = torch.from_numpy(values).to(device)
     return _TABLES[key]
 
@@ -133,7 +131,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         state = state.to(w.device)
         state.code = _table(quant_type, w.device)
         if state.nested:
-            state.state2.code = _table("dynamic", w.device)
+            state.state2.code = _table(NESTED_QUANT_TYPE, w.device)
         return torch.from_numpy(packed).to(w.device), state
     k = _kernels()
     flat = w.detach().contiguous().reshape(-1)
@@ -145,7 +143,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         given = None if offset is None else torch.tensor(offset, device=w.device)
         codes, absmax2, off = k.quantize_absmax(absmax, given)
         state.absmax, state.offset = codes, off
-        state.state2 = _nested_state(absmax.numel(), absmax2, w.device)
+        state.state2 = nested_state(absmax.numel(), absmax2, _table(NESTED_QUANT_TYPE, w.device))
     return packed, state
 
 

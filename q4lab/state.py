@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-DTYPES = ("float32", "float16", "bfloat16")
-QUANT_TYPES = ("nf4", "fp4", "int4")
+from .constants import (BLOCKSIZES, DTYPE_BYTES, DTYPES, NESTED_BLOCKSIZE, NESTED_DTYPE,
+                        NESTED_QUANT_TYPE, OFFSET_BYTES, QUANT_TYPES)
 
 
 class DtypeName(str):
@@ -75,7 +75,6 @@ class QuantState:
     absmax: Any
     offset: Any = None
     state2: "QuantState | None" = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.shape = tuple(int(d) for d in self.shape)
@@ -107,7 +106,7 @@ class QuantState:
         parts = {"absmax": _nbytes(self.absmax)}
         if self.nested:
             parts["nested_absmax"] = _nbytes(self.state2.absmax)
-            parts["offset"] = 4
+            parts["offset"] = OFFSET_BYTES
         if include_codebooks:
             parts["quant_map"] = _nbytes(self.code)
             if self.nested:
@@ -116,8 +115,8 @@ class QuantState:
 
     def validate(self, packed=None) -> None:
         """Raise ValueError naming the first inconsistency between this state and ``packed``."""
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"state.blocksize={self.blocksize} is not one of 32, 64, ..., 4096")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"state.blocksize={self.blocksize} is not one of {BLOCKSIZES}")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"state.quant_type={self.quant_type!r} is not one of {QUANT_TYPES}")
         if self.dtype not in DTYPES:
@@ -129,15 +128,16 @@ class QuantState:
                 f"state.absmax is {absmax_kind} but a {'nested' if self.nested else 'plain'} state "
                 f"stores {wanted} absmax ({'8-bit codes' if self.nested else 'one per block'})"
             )
-        if self.nested and str(self.state2.absmax.dtype).replace("torch.", "") != "float32":
-            raise ValueError(f"state.state2.absmax must be float32, got {self.state2.absmax.dtype}")
+        if self.nested and str(self.state2.absmax.dtype).replace("torch.", "") != NESTED_DTYPE:
+            raise ValueError(f"state.state2.absmax must be {NESTED_DTYPE}, got "
+                             f"{self.state2.absmax.dtype}")
         if _numel(self.absmax) != self.nblocks:
             raise ValueError(
                 f"state has {_numel(self.absmax)} absmax values but shape {tuple(self.shape)} at "
                 f"blocksize {self.blocksize} needs {self.nblocks}"
             )
         if self.nested:
-            groups = -(-self.nblocks // 256)
+            groups = -(-self.nblocks // NESTED_BLOCKSIZE)
             if _numel(self.state2.absmax) != groups or self.offset is None:
                 raise ValueError(
                     f"nested state needs {groups} nested absmax values and an offset, got "
@@ -194,7 +194,8 @@ class QuantState:
         d = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": self.dtype,
              "shape": list(self.shape)}
         if self.nested:
-            d.update(nested_blocksize=256, nested_dtype="float32", nested_offset=self.offset_value)
+            d.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype=NESTED_DTYPE,
+                     nested_offset=self.offset_value)
         return d
 
     # ---- display -----------------------------------------------------------------------
@@ -216,12 +217,46 @@ class QuantState:
         return f"<table><caption>q4lab QuantState</caption>{body}</table>"
 
 
+def nested_state(nblocks: int, absmax2, code) -> QuantState:
+    """The nested state of a double-quantized tensor with ``nblocks`` blocks: ``absmax2`` (float32,
+    one per group of ``NESTED_BLOCKSIZE`` blocks) and ``code`` (the dynamic map), NumPy or torch
+    (docs/format.md §7). The one place a nested state is built."""
+    return QuantState(shape=(nblocks,), dtype=NESTED_DTYPE, blocksize=NESTED_BLOCKSIZE,
+                      quant_type=NESTED_QUANT_TYPE, code=code, absmax=absmax2)
+
+
+def storage_bytes_for(numel: int, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """Bytes stored for one quantized tensor of ``numel`` values, by part, without any tensor
+    (docs/format.md §11): packed codes ceil(n/2); absmax 4 bytes per block (float32), or 1 byte
+    per block (uint8 code) when double-quantized; then nested absmax 4 bytes per group of 256
+    blocks and the 4-byte offset. Works for any size (a 70B-parameter count included). The
+    codebooks are shared constants and are not counted (bitsandbytes also writes a 64-byte
+    quant_map and a 1 KiB nested_quant_map per layer into its state dict)."""
+    if isinstance(numel, bool) or int(numel) != numel or numel <= 0:
+        raise ValueError(f"numel={numel!r}: a quantized tensor holds a positive whole number of "
+                         f"values")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize={blocksize!r} is not one of {BLOCKSIZES}")
+    numel = int(numel)
+    nblocks = -(-numel // blocksize)
+    if not double_quant:
+        return {"packed": -(-numel // 2), "absmax": DTYPE_BYTES["float32"] * nblocks}
+    return {"packed": -(-numel // 2), "absmax": nblocks,  # one uint8 code per block
+            "nested_absmax": DTYPE_BYTES[NESTED_DTYPE] * -(-nblocks // NESTED_BLOCKSIZE),
+            "offset": OFFSET_BYTES}
+
+
 def storage_bytes(state: QuantState) -> dict:
-    """Bytes stored for one quantized tensor, by part: packed codes (ceil(n/2)), absmax (float32
-    per block, or uint8 codes when nested), nested absmax (float32 per 256 blocks) and the float32
-    offset. The codebooks are shared constants and are not counted (bitsandbytes also writes a
-    64-byte quant_map and a 1 KiB nested_quant_map per layer into its state dict)."""
-    return {"packed": -(-state.numel // 2), **state.nbytes()}
+    """Bytes stored for one quantized tensor, by part (:func:`storage_bytes_for` of its size,
+    blocksize and nesting), checked against the bytes its arrays really hold: a state whose arrays
+    do not have the format's sizes is a ValueError, never a wrong count."""
+    parts = storage_bytes_for(state.numel, state.blocksize, state.nested)
+    held = state.nbytes()
+    wrong = {k: (v, parts.get(k)) for k, v in held.items() if parts.get(k) != v}
+    if wrong:
+        raise ValueError(f"state arrays hold {wrong} bytes (held, format) for shape "
+                         f"{tuple(state.shape)} at blocksize {state.blocksize}")
+    return parts
 
 
 def bits_per_param(state: QuantState) -> float:

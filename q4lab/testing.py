@@ -1,9 +1,11 @@
-"""Shared test material: ``sample_inputs()`` and pytest-free byte assertions.
+"""Shared test material: ``sample_inputs()``, pytest-free byte assertions, and the one
+reference-vs-kernel comparison (``parity_mismatches``).
 
 Style after torchao's nvfp4 reference tests and llm.c's ``validate_result``: every comparison is of
 bytes, and a failure says how many differ, where the first one is, and what was expected there
 ("37/65536 bytes differ, first at 1204 (expected 0x7a, got 0x7b)"). Used by the test suite, the
-kernel parity sweeps and the notebooks (NumPy only; torch tensors are accepted and converted).
+kernel parity sweep (``bench/sweep_parity.py``) and the notebooks. NumPy only at import; torch
+tensors are accepted and converted, and ``parity_mismatches`` imports torch when called.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reference.blockwise import BLOCKSIZES
-from .reference.codebooks import fp4_codebook, nf4_codebook, thresholds
+from .constants import BLOCKSIZES, BNB_QUANT_TYPES, DTYPES, NESTED_BLOCKSIZE
+from .reference.codebooks import codebook, thresholds
 
 F32 = np.float32
 
@@ -49,18 +51,84 @@ def assert_bytes_equal(expected, got, what: str = "") -> None:
         raise AssertionError(f"{what}: {msg}" if what else msg)
 
 
-def assert_states_equal(expected, got, what: str = "") -> None:
-    """Compare two QuantStates field by field, bytes for arrays."""
-    tag = f"{what}: " if what else ""
+def state_mismatches(expected, got) -> dict:
+    """``{part: description}`` for every field of two QuantStates that differs (arrays compared as
+    bytes: absmax or nested codes, offset, nested absmax); ``{}`` when they are identical."""
     for name in ("shape", "dtype", "blocksize", "quant_type", "nested"):
         a, b = getattr(expected, name), getattr(got, name)
         if tuple(a) != tuple(b) if name == "shape" else a != b:
-            raise AssertionError(f"{tag}state.{name}: expected {a!r}, got {b!r}")
-    assert_bytes_equal(expected.absmax, got.absmax, f"{tag}absmax")
+            return {f"state.{name}": f"expected {a!r}, got {b!r}"}
+    pairs = [("absmax", expected.absmax, got.absmax)]
     if expected.nested:
-        assert_bytes_equal(np.float32(expected.offset_value), np.float32(got.offset_value),
-                           f"{tag}offset")
-        assert_bytes_equal(expected.state2.absmax, got.state2.absmax, f"{tag}nested absmax")
+        pairs += [("offset", np.float32(expected.offset_value), np.float32(got.offset_value)),
+                  ("nested absmax", expected.state2.absmax, got.state2.absmax)]
+    return _mismatches(pairs)
+
+
+def _mismatches(pairs) -> dict:
+    found = {}
+    for name, a, b in pairs:
+        msg = byte_mismatch(a, b)
+        if msg is not None:
+            found[name] = msg
+    return found
+
+
+def describe(mismatches: dict) -> str:
+    """One line from a ``{part: description}`` dict: ``"packed: 3/40 bytes differ, ...; ..."``."""
+    return "; ".join(f"{k}: {v}" for k, v in mismatches.items())
+
+
+def assert_states_equal(expected, got, what: str = "") -> None:
+    """Compare two QuantStates field by field, bytes for arrays."""
+    found = state_mismatches(expected, got)
+    if found:
+        raise AssertionError((f"{what}: " if what else "") + describe(found))
+
+
+def parity_mismatches(x, dtype: str = "float32", blocksize: int = 64, quant_type: str = "nf4",
+                      double_quant: bool = True, *, backend: str = "cpu", offset=None,
+                      out_dtypes=DTYPES) -> dict:
+    """Quantize ``x`` with the NumPy reference and with ``q4lab.quantize_4bit(...,
+    backend=backend)`` (on the GPU for "cuda"), dequantize both to each of ``out_dtypes``, and
+    compare every output byte for byte. Returns ``{part: "k/n bytes differ, first at i
+    (expected .., got ..)"}`` for each part that differs (packed, state fields, absmax or nested
+    codes, offset, nested absmax, decoded absmax, dequantized <dtype>); ``{}`` when every byte
+    agrees. ``x`` is first made exactly representable in ``dtype`` (``round_to_dtype``), so both
+    sides quantize the same values. ``offset`` (double quant) is handed to both sides."""
+    import torch
+
+    from . import ops
+    from . import reference as ref
+
+    x = round_to_dtype(np.ascontiguousarray(x, dtype=F32), dtype)
+    p_ref, s_ref = ref.quantize_4bit(x, blocksize, quant_type, double_quant, offset=offset,
+                                     dtype=dtype)
+    w = torch.from_numpy(x).to(ops.DTYPE_OF_NAME[dtype])
+    w = w.cuda() if backend == "cuda" else w
+    packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant, backend=backend,
+                                      offset=offset)
+    found = _mismatches([("packed", p_ref, packed)])
+    found.update(state_mismatches(s_ref, state))
+    if double_quant and not found:
+        found.update(_mismatches([("decoded absmax", ref.state_absmax(s_ref),
+                                   ops.absmax_of(state, backend))]))
+    for name in out_dtypes:
+        want = ref.dequantize_4bit(p_ref, s_ref, name)
+        if name == "bfloat16":  # float32 holding bf16 values: exact as torch bfloat16
+            want = torch.from_numpy(want).to(torch.bfloat16)
+        got = ops.dequantize_4bit(packed, state, dtype=ops.DTYPE_OF_NAME[name], backend=backend)
+        found.update(_mismatches([(f"dequantized {name}", want, got)]))
+    return found
+
+
+def assert_parity(x, dtype: str = "float32", blocksize: int = 64, quant_type: str = "nf4",
+                  double_quant: bool = True, *, what: str = "", **kwargs) -> None:
+    """Raise AssertionError naming every differing part unless :func:`parity_mismatches` is
+    empty."""
+    found = parity_mismatches(x, dtype, blocksize, quant_type, double_quant, **kwargs)
+    if found:
+        raise AssertionError((f"{what}: " if what else "") + describe(found))
 
 
 @dataclass
@@ -93,13 +161,12 @@ def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def boundary_values(quant_type: str) -> np.ndarray:
-    """Every threshold t_k and its float32 neighbours one ulp either side, both signs, plus ±0,
-    ±1 and the codebook values themselves: the inputs where a rounding rule shows."""
+    """Every threshold t_k of ``quant_type`` and its float32 neighbours one ulp either side, both
+    signs, plus ±0, ±1 and the type's own codebook values: the inputs where a rounding rule
+    shows."""
     t = thresholds(quant_type)
     near = np.concatenate([t, np.nextafter(t, F32(-2)), np.nextafter(t, F32(2))])
-    table = nf4_codebook() if quant_type == "nf4" else fp4_codebook()
-    vals = np.concatenate([near, -near, table, [0.0, -0.0, 1.0, -1.0]]).astype(F32)
-    return vals
+    return np.concatenate([near, -near, codebook(quant_type), [0.0, -0.0, 1.0, -1.0]]).astype(F32)
 
 
 def _adversarial(rng, n: int, quant_type: str) -> np.ndarray:
@@ -111,7 +178,7 @@ def _adversarial(rng, n: int, quant_type: str) -> np.ndarray:
 
 
 def sample_inputs(seed: int = 0, small: bool = False):
-    """A list of :class:`Sample` covering every rounding bucket of DESIGN.md §4.
+    """A list of :class:`Sample` covering every rounding bucket of docs/format.md §1-§8.
 
     Kinds: Gaussian; heavy-tailed (Student t, 2 dof); values exactly at every threshold and one ulp
     either side (blocks with absmax 1); ±0 and signed zeros; subnormals (whole subnormal blocks,
@@ -120,15 +187,15 @@ def sample_inputs(seed: int = 0, small: bool = False):
     with and without double quantization. ``small`` keeps only a representative subset."""
     rng = np.random.default_rng(seed)
     out = []
-    blocksizes = (32, 64, 256, 4096) if small else BLOCKSIZES
+    blocksizes = (BLOCKSIZES[0], 64, 256, BLOCKSIZES[-1]) if small else BLOCKSIZES
 
     def add(name, x, dtype="float32", bs=64, qt="nf4", dq=True):
         x = round_to_dtype(np.asarray(x, dtype=F32), dtype)
         out.append(Sample(name, x, dtype, bs, qt, dq))
 
-    for qt in ("nf4", "fp4"):
+    for qt in BNB_QUANT_TYPES:
         for bs in blocksizes:
-            for dtype in ("float32", "float16", "bfloat16"):
+            for dtype in DTYPES:
                 for dq in (True, False):
                     n = bs * 5 + 7  # tail block, odd n
                     add(f"randn-{qt}-{bs}-{dtype}-{int(dq)}",
@@ -161,8 +228,9 @@ def sample_inputs(seed: int = 0, small: bool = False):
         beside[2] *= 0.003
         beside[3, 0] = 4.99624
         add(f"tiny-beside-outlier-{qt}", beside, "float32", 64, qt)
-        many_blocks = rng.standard_normal(32 * 700) * rng.gamma(2.0, size=32 * 700)
-        add(f"nested-groups-{qt}", many_blocks, "float32", 32, qt)  # 700 blocks: 3 nested groups
+        nblocks = 2 * NESTED_BLOCKSIZE + 188  # 700 blocks: 3 nested groups, the last one partial
+        many_blocks = rng.standard_normal(32 * nblocks) * rng.gamma(2.0, size=32 * nblocks)
+        add(f"nested-groups-{qt}", many_blocks, "float32", 32, qt)
     if small:
         out = out[::3] + [s for s in out if not s.name.startswith("randn")]
     return out

@@ -1,5 +1,5 @@
 """The C++ kernels (``csrc/q4_cpu.cpp``, ``torch.ops.q4lab.*``) against the NumPy reference, byte
-for byte (DESIGN.md §4, §5).
+for byte (docs/format.md; docs/architecture.md §2, §3).
 
 Style of pytorch/extension-cpp ``test/test_extension.py`` (sample inputs + ``torch.library.opcheck``)
 and torchao's nvfp4 reference tests (every comparison is of bytes: "k/n bytes differ, first at i").
@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 import q4lab
 from q4lab import _build, _gen_tables, _kernels, ops
 from q4lab import reference as ref
+from q4lab.constants import BLOCKSIZES, BNB_QUANT_TYPES, DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from q4lab.reference.double_quant import exact_mean_f32
-from q4lab.testing import assert_bytes_equal, boundary_values, round_to_dtype, sample_inputs
+from q4lab.testing import assert_bytes_equal, assert_parity, boundary_values, sample_inputs
 
 F32 = np.float32
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH = ops.DTYPE_OF_NAME
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,30 +34,12 @@ def kernels():
     assert status is True, f"the C++ kernels must build here: {status}"
 
 
-def as_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=F32)).to(TORCH[dtype])
-
-
 def check_parity(x, dtype, blocksize, quant_type, double_quant, offset=None, what=""):
-    """Quantize with the reference and the C++ kernel; compare every output and every dequant."""
-    x = round_to_dtype(np.asarray(x, dtype=F32), dtype)
-    p_ref, s_ref = ref.quantize_4bit(x, blocksize, quant_type, double_quant, offset=offset,
-                                     dtype=dtype)
-    p_cpu, s_cpu = q4lab.quantize_4bit(as_torch(x, dtype), blocksize, quant_type, double_quant,
-                                       backend="cpu", offset=offset)
-    assert_bytes_equal(p_ref, p_cpu, f"{what} packed")
-    assert_bytes_equal(s_ref.absmax, s_cpu.absmax, f"{what} absmax/codes")
-    if double_quant:
-        assert_bytes_equal(np.asarray(s_ref.offset, F32), s_cpu.offset.reshape(()), f"{what} offset")
-        assert_bytes_equal(s_ref.state2.absmax, s_cpu.state2.absmax, f"{what} absmax2")
-        assert_bytes_equal(ref.state_absmax(s_ref), ops.absmax_of(s_cpu, "cpu"),
-                           f"{what} dequantized absmax")
-    for out in ("float32", "float16", "bfloat16"):
-        expected = ref.dequantize_4bit(p_ref, s_ref, out)
-        if out == "bfloat16":
-            expected = torch.from_numpy(expected).to(torch.bfloat16)  # exact: already bf16 values
-        got = q4lab.dequantize_4bit(p_cpu, s_cpu, dtype=TORCH[out], backend="cpu")
-        assert_bytes_equal(expected, got, f"{what} dequantized {out}")
+    """Quantize with the reference and the C++ kernel; compare every output and every dequant
+    (``q4lab.testing.parity_mismatches``: packed, state, offset, nested and decoded absmax, and the
+    dequantized values in all three dtypes)."""
+    assert_parity(x, dtype, blocksize, quant_type, double_quant, backend="cpu", offset=offset,
+                  what=what)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
@@ -66,12 +49,11 @@ def test_sample_inputs_parity(sample):
                  what=repr(sample))
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_int4_and_boundaries_parity(quant_type):
-    """Every threshold and its ±1 ulp neighbours (absmax exactly 1 per block), all three types."""
-    t = ref.thresholds(quant_type)
-    near = np.concatenate([t, np.nextafter(t, F32(-2)), np.nextafter(t, F32(2))])
-    vals = np.concatenate([near, -near, [0.0, -0.0]]).astype(F32)
+    """Every threshold and its ±1 ulp neighbours, ±0, ±1 and the type's own levels
+    (``testing.boundary_values``; absmax exactly 1 per block), all three types."""
+    vals = boundary_values(quant_type)
     x = np.resize(vals, 64 * ((vals.size + 62) // 63 + 1)).astype(F32)
     x[::64] = 1.0
     check_parity(x, "float32", 64, quant_type, True, what=quant_type)
@@ -100,10 +82,10 @@ def _values(draw, n: int, quant_type: str) -> np.ndarray:
 
 @st.composite
 def cases(draw):
-    quant_type = draw(st.sampled_from(["nf4", "fp4", "int4"]))
-    blocksize = draw(st.sampled_from(ref.BLOCKSIZES))
+    quant_type = draw(st.sampled_from(QUANT_TYPES))
+    blocksize = draw(st.sampled_from(BLOCKSIZES))
     n = draw(st.one_of(st.integers(1, 3 * blocksize + 1), st.integers(8192, 20000)))  # >256 blocks
-    dtype = draw(st.sampled_from(["float32", "float16", "bfloat16"]))
+    dtype = draw(st.sampled_from(DTYPES))
     with np.errstate(over="ignore"):
         x = np.clip(_values(draw, n, quant_type), -3e38, 3e38).astype(F32)
     if dtype == "float16":
@@ -129,7 +111,8 @@ def test_offset_given_matches_reference():
     check_parity(x, "float32", 64, "nf4", True, offset=bnb_style.item(), what="given offset")
 
 
-@pytest.mark.parametrize("count", [1, 255, 256, 257, 70_000, 300_001])
+@pytest.mark.parametrize("count", [1, NESTED_BLOCKSIZE - 1, NESTED_BLOCKSIZE, NESTED_BLOCKSIZE + 1,
+                                   70_000, 300_001])
 def test_exact_mean_offset(count):
     """The offset is the exact mean rounded once (multi-limb integer division in C++)."""
     rng = np.random.default_rng(count)
@@ -200,29 +183,50 @@ def test_poisoned_outputs_fully_written(n):
         assert_bytes_equal(out, o5, f"dequantized {dtype}")
 
 
-def _opcheck_cases():
-    x = torch.randn(64 * 5 + 3)
-    packed, absmax = torch.ops.q4lab.quantize_4bit(x, 64, "fp4")
-    codes, absmax2, off = torch.ops.q4lab.quantize_absmax(absmax, None)
+# opcheck (schema, fake/meta kernel, autograd registration, dispatch) of every op and its _out
+# form, on samples of ``sample_inputs``: the smallest one of each input dtype, the quant types
+# taking turns. The cases are the product of these two lists, so adding an op or a sample adds its
+# cases; test_opcheck_covers_every_op ties OPCHECK_OPS to the ops the extension really registers.
+OPCHECK_OPS = tuple(name for op in _kernels.OPS for name in (op, op + "_out")) + (
+    "quantize_absmax given offset",)
+OPCHECK_SAMPLES = [min((s for s in sample_inputs() if s.dtype == dtype
+                        and s.quant_type == BNB_QUANT_TYPES[i % len(BNB_QUANT_TYPES)]),
+                       key=lambda s: s.x.size) for i, dtype in enumerate(DTYPES)]
+
+
+def _opcheck_args(name: str, sample) -> tuple:
     q = torch.ops.q4lab
-    return [
-        (q.quantize_4bit.default, (x.bfloat16(), 64, "nf4")),
-        (q.quantize_4bit.default, (x, 32, "fp4")),
-        (q.quantize_absmax.default, (absmax, None)),
-        (q.quantize_absmax.default, (absmax, torch.tensor(0.25))),
-        (q.dequantize_absmax.default, (codes, absmax2, off)),
-        (q.dequantize_4bit.default, (packed, absmax, 64, "fp4", x.numel(), torch.bfloat16)),
-        (q.dequantize_4bit_out.default,
-         (packed, absmax, 64, "fp4", x.numel(), torch.empty(x.numel()))),
-        (q.quantize_4bit_out.default, (x, 64, "nf4", torch.empty_like(packed),
-                                       torch.empty_like(absmax))),
-    ]
+    x = torch.from_numpy(np.ascontiguousarray(sample.x, F32).reshape(-1)).to(TORCH[sample.dtype])
+    bs, qt, n, dtype = sample.blocksize, sample.quant_type, sample.x.size, TORCH[sample.dtype]
+    packed, absmax = q.quantize_4bit(x, bs, qt)
+    codes, absmax2, off = q.quantize_absmax(absmax, None)
+    e = torch.empty_like
+    return {
+        "quantize_4bit": (x, bs, qt),
+        "quantize_4bit_out": (x, bs, qt, e(packed), e(absmax)),
+        "quantize_absmax": (absmax, None),
+        "quantize_absmax given offset": (absmax, torch.tensor(0.25)),
+        "quantize_absmax_out": (absmax, None, e(codes), e(absmax2), e(off)),
+        "dequantize_absmax": (codes, absmax2, off),
+        "dequantize_absmax_out": (codes, absmax2, off, e(absmax)),
+        "dequantize_4bit": (packed, absmax, bs, qt, n, dtype),
+        "dequantize_4bit_out": (packed, absmax, bs, qt, n, torch.empty(n, dtype=dtype)),
+    }[name]
 
 
-@pytest.mark.parametrize("index", range(8))
-def test_opcheck(index):
-    op, args = _opcheck_cases()[index]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES, ids=lambda s: s.name)
+@pytest.mark.parametrize("name", OPCHECK_OPS)
+def test_opcheck(name, sample):
+    op = getattr(torch.ops.q4lab, name.split()[0]).default
+    torch.library.opcheck(op, _opcheck_args(name, sample))
+
+
+def test_opcheck_covers_every_op():
+    registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("q4lab::") and not n.startswith("q4lab::matmul")}
+    assert registered == {name.split()[0] for name in OPCHECK_OPS}, registered
+    assert {s.dtype for s in OPCHECK_SAMPLES} == set(DTYPES)
+    assert {s.quant_type for s in OPCHECK_SAMPLES} == set(BNB_QUANT_TYPES)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -7,20 +7,17 @@ free GPU memory and skips itself with a message when there is less.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import q4lab
 from q4lab import _kernels, ops
-from q4lab import reference as ref
-from q4lab.testing import assert_bytes_equal, sample_inputs
+from q4lab.testing import assert_bytes_equal, assert_parity, sample_inputs
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and CUDA torch"),
 ]
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,31 +27,14 @@ def kernels():
     assert status is True, f"CUDA kernels must build on a GPU machine: {status}"
 
 
-def quantize_three_ways(sample):
-    x = np.ascontiguousarray(sample.x, dtype=np.float32)
-    w = torch.from_numpy(x).to(TORCH[sample.dtype])
-    args = (sample.blocksize, sample.quant_type, sample.double_quant)
-    p_ref, s_ref = ref.quantize_4bit(x, *args, dtype=sample.dtype)
-    p_cpu, s_cpu = q4lab.quantize_4bit(w, *args, backend="cpu")
-    p_gpu, s_gpu = q4lab.quantize_4bit(w.cuda(), *args, backend="cuda")
-    return (p_ref, s_ref), (p_cpu, s_cpu), (p_gpu, s_gpu)
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: s.name)
 def test_reference_cpu_cuda_identical(sample):
-    (p_ref, s_ref), (p_cpu, s_cpu), (p_gpu, s_gpu) = quantize_three_ways(sample)
-    for name, (p, s) in {"cpu": (p_cpu, s_cpu), "cuda": (p_gpu, s_gpu)}.items():
-        assert_bytes_equal(p_ref, p, f"{name} packed")
-        assert_bytes_equal(s_ref.absmax, s.absmax, f"{name} absmax/codes")
-        if sample.double_quant:
-            assert_bytes_equal(np.asarray(s_ref.offset, np.float32), s.offset.reshape(()),
-                               f"{name} offset")
-            assert_bytes_equal(s_ref.state2.absmax, s.state2.absmax, f"{name} absmax2")
-    for out in ("float32", "float16", "bfloat16"):
-        a = q4lab.dequantize_4bit(p_cpu, s_cpu, dtype=TORCH[out], backend="cpu")
-        b = q4lab.dequantize_4bit(p_gpu, s_gpu, dtype=TORCH[out], backend="cuda")
-        assert_bytes_equal(a, b, f"dequantized {out}")
+    """Both kernels against the reference (``q4lab.testing.parity_mismatches``: every output
+    byte, the dequantized values in all three dtypes); equal to it, they equal each other."""
+    args = (sample.x, sample.dtype, sample.blocksize, sample.quant_type, sample.double_quant)
+    for backend in ("cpu", "cuda"):
+        assert_parity(*args, backend=backend, what=f"{backend} {sample!r}")
 
 
 def test_auto_picks_cuda_for_cuda_tensors():

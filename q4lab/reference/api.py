@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..state import DTYPES, QUANT_TYPES, QuantState
-from .blockwise import BLOCKSIZES, decode, quantize_blocks, unpack_nibbles
+from ..constants import BLOCKSIZES, DTYPES, QUANT_TYPES
+from ..state import QuantState, nested_state
+from .blockwise import decode, quantize_blocks, unpack_nibbles
 from .codebooks import codebook, dynamic_map
-from .double_quant import NESTED_BLOCKSIZE, dequantize_absmax, quantize_absmax
+from .double_quant import dequantize_absmax, quantize_absmax
 
 F32 = np.float32
 
@@ -103,9 +104,7 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
     if double_quant:
         codes, absmax2, offset = quantize_absmax(absmax, offset)
         state.absmax, state.offset = codes, np.asarray(offset, dtype=F32)
-        state.state2 = QuantState(shape=(absmax.size,), dtype="float32",
-                                  blocksize=NESTED_BLOCKSIZE, quant_type="dynamic",
-                                  code=dynamic_map(), absmax=absmax2)
+        state.state2 = nested_state(absmax.size, absmax2, dynamic_map())
     return packed, state
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..constants import BLOCKSIZES, FP4_SIGN_BIT  # noqa: F401  (BLOCKSIZES: re-exported)
 from .codebooks import _thresholds, codebook, zero_code
 
 F32 = np.float32
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: Blocks whose absmax lies outside [2^-126, 2^126) are rescaled by an exact power of two first.
 SMALL_ABSMAX, LARGE_ABSMAX = F32(2.0**-126), F32(2.0**126)
@@ -81,7 +81,7 @@ def encode(xn: np.ndarray, x: np.ndarray, quant_type: str) -> np.ndarray:
     thresholds, order = _thresholds(quant_type)
     if quant_type == "fp4":
         rank = count_below(thresholds, np.abs(xn))
-        sign = np.where(x < 0, np.uint8(8), np.uint8(0))
+        sign = np.where(x < 0, np.uint8(FP4_SIGN_BIT), np.uint8(0))
         return (order[rank] | sign).astype(np.uint8)
     return order[count_below(thresholds, xn)]
 

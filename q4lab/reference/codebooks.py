@@ -26,6 +26,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.stats import norm
 
+from ..constants import DYNAMIC_CODES, QUANT_TYPES, ZERO_CODES
+
 F32 = np.float32
 
 #: The offset bitsandbytes uses for NF4: about ((1 - 1/30) + (1 - 1/32)) / 2.
@@ -121,7 +123,7 @@ def _dynamic() -> np.ndarray:
         data.append((-scale * means).astype(F32))
     data.append(np.array([0.0, 1.0], dtype=F32))
     table = np.sort(np.concatenate(data)).astype(F32)
-    assert table.size == 256
+    assert table.size == DYNAMIC_CODES
     table.setflags(write=False)
     return table
 
@@ -160,8 +162,8 @@ def _thresholds(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
     if quant_type == "int4":
         return midpoint_thresholds(int4_codebook()[:15]), np.arange(15, dtype=np.uint8)
     if quant_type == "dynamic":
-        return midpoint_thresholds(_dynamic()), np.arange(256, dtype=np.uint8)
-    raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4', 'fp4' or 'int4'")
+        return midpoint_thresholds(_dynamic()), np.arange(DYNAMIC_CODES, dtype=np.uint8)
+    raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
 
 
 def thresholds(quant_type: str) -> np.ndarray:
@@ -183,13 +185,16 @@ def fp4_magnitude_order() -> np.ndarray:
 
 
 def codebook(quant_type: str) -> np.ndarray:
-    """The 16-entry table for ``quant_type`` ('nf4', 'fp4' or 'int4')."""
+    """The 16-entry table for ``quant_type`` (one of ``constants.QUANT_TYPES``)."""
     tables = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook}
-    if quant_type not in tables:
-        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {sorted(tables)}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
     return tables[quant_type]()
 
 
 def zero_code(quant_type: str) -> int:
-    """The code that represents 0.0 (NF4 0b0111, FP4 0b0000, INT4 0b0111)."""
-    return {"nf4": 7, "fp4": 0, "int4": 7}[quant_type]
+    """The code that represents 0.0 (``constants.ZERO_CODES``: NF4 0b0111, FP4 0b0000, INT4
+    0b0111); ``codebook(quant_type)[zero_code(quant_type)]`` is 0.0 (tests/test_codebooks.py)."""
+    if quant_type not in ZERO_CODES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
+    return ZERO_CODES[quant_type]

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..constants import NESTED_BLOCKSIZE
 from .blockwise import reciprocal_scale, scale_blocks, split_blocks
 from .codebooks import _thresholds, dynamic_map
 
 F32 = np.float32
-NESTED_BLOCKSIZE = 256
 
 
 def exponent_bins(values: np.ndarray) -> np.ndarray:
