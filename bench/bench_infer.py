@@ -1,0 +1,283 @@
+"""One-row 4-bit inference: q4lab's fused ``matmul_4bit`` against dequantize + ``F.linear``, float32
+``F.linear`` and bitsandbytes' ``matmul_4bit``, and SmolLM2-135M greedy decode, in one process.
+
+Issue "Fused 4-bit inference". Decode multiplies one row by every weight once per token, so its
+speed is set by the bytes it reads; the yardstick is the read bandwidth ``torch.sum`` reaches in the
+same run. Part 1 cycles through distinct NF4 + double-quant (blocksize 64) layers of shapes
+4096x4096 and 11008x4096 / 4096x11008 whose packed bytes add up to at least twice the last-level
+cache (read from sysfs), so no layer is served from cache; the float32 layers cycle likewise.
+Every method is validated before it is timed (llm.c's rule): q4lab's kernel must equal the NumPy
+spec byte for byte on the first layer, and every method must agree with float64 x @ W_hat.T.
+Part 2 decodes with a KV cache (greedy, batch 1) and compares q4lab's fused and dequantize paths'
+continuations on a few prompts. Note: bitsandbytes 0.50.2's fused CPU kernel needs an AVX512-BF16
+CPU and its ``kernels`` package from a model hub; without it (as here) bnb dequantizes per call.
+Writes bench/results/infer_<device>_<date>.json.
+
+    python bench/bench_infer.py [--cycle-mib N] [--tokens 48] [--skip-model]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import q4lab
+from q4lab import matmul as fused
+from q4lab import reference as ref
+from q4lab.testing import assert_bytes_equal
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a neural network is in one sentence."]
+
+
+def last_level_cache_bytes() -> int:
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KMG")) * mult)
+    return max(sizes, default=32 << 20)
+
+
+def read_bandwidth(nbytes: int) -> float:
+    """Bytes/s of torch.sum over a float32 tensor of ``nbytes`` (best of 5)."""
+    big = torch.rand(nbytes // 4)
+    best = min(_seconds(lambda: big.sum()) for _ in range(5))
+    return big.numel() * 4 / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def make_layers(total_bytes: int, bytes_of, build) -> list:
+    """Layers of SHAPES in turn until their bytes (``bytes_of(shape)``) reach ``total_bytes``."""
+    layers, size, i = [], 0, 0
+    while size < total_bytes:
+        shape = SHAPES[i % len(SHAPES)]
+        layers.append(build(shape, i))
+        size += bytes_of(shape)
+        i += 1
+    return layers
+
+
+def weight(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def bnb_state(state):
+    """The same bytes as a bitsandbytes QuantState (q4lab's storage is bnb's)."""
+    import bitsandbytes.functional as bF
+
+    nested = bF.QuantState(absmax=state.state2.absmax, code=state.state2.code, blocksize=256,
+                           dtype=torch.float32)
+    return bF.QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
+                         blocksize=state.blocksize, quant_type=state.quant_type,
+                         dtype=torch.float32, offset=state.offset.reshape(()), state2=nested)
+
+
+def cycle_time(layers, call, passes: int) -> float:
+    """Median seconds per layer over ``passes`` passes through the cycle (after one warm pass)."""
+    for layer in layers[: max(1, len(layers) // 4)]:
+        call(layer)
+    per_pass = [_seconds(lambda: [call(layer) for layer in layers]) / len(layers)
+                for _ in range(passes)]
+    return float(np.median(per_pass))
+
+
+def validate(x, packed, state, w_hat64, name, y) -> float:
+    exact = (x.double() @ w_hat64.T)
+    err = float((y.double() - exact).abs().max() / exact.abs().max())
+    assert err < 1e-4, f"{name}: relative error {err:.2e} against float64 x @ W_hat.T"
+    return err
+
+
+def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
+    print(f"building a cycle of >= {cycle_bytes / 2**20:.0f} MiB of 4-bit layers ...", flush=True)
+    quantized = make_layers(cycle_bytes, lambda s: s[0] * s[1] // 2,
+                            lambda s, i: q4lab.quantize_4bit(weight(s, i)))
+    n_weights = sum(p.numel() * 2 for p, _ in quantized)
+    stored = sum(sum(q4lab.storage_bytes(s).values()) for p, s in quantized) / len(quantized)
+    packed_per_layer = n_weights / 2 / len(quantized)
+    x = torch.randn(1, 4096)
+    xs = {4096: x, 11008: torch.randn(1, 11008)}
+
+    # validate on the first layer of each shape before timing anything
+    errors = {}
+    import bitsandbytes as bnb
+    for p, s in quantized[: len(SHAPES)]:
+        xi = xs[s.shape[1]]
+        assert_bytes_equal(fused.matmul_4bit(xi, p, s, backend="reference"),
+                           q4lab.matmul_4bit(xi, p, s), f"fused kernel vs spec {tuple(s.shape)}")
+        w_hat = q4lab.dequantize_4bit(p, s, torch.float32)
+        w64 = w_hat.double()
+        errors[str(tuple(s.shape))] = {
+            "q4lab_fused": validate(xi, p, s, w64, "fused", q4lab.matmul_4bit(xi, p, s)),
+            "dequantize_linear": validate(xi, p, s, w64, "dequant", F.linear(xi, w_hat)),
+            "bitsandbytes": validate(xi, p, s, w64, "bnb", bnb.matmul_4bit(xi, p.view(-1, 1).t(),
+                                                                            bnb_state(s))),
+        }
+    results = {"validation_relative_error": errors, "layers_in_cycle": len(quantized),
+               "packed_mib_in_cycle": n_weights / 2 / 2**20}
+    timings = {}
+    for isa in fused.isas():
+        timings[f"q4lab fused ({isa})"] = cycle_time(
+            quantized, lambda l, isa=isa: fused._kernel(xs[l[1].shape[1]], l[0], l[1], None, isa),
+            passes=5 if isa != "portable" else 1)
+    timings["q4lab fused (auto)"] = cycle_time(
+        quantized, lambda l: q4lab.matmul_4bit(xs[l[1].shape[1]], l[0], l[1]), passes=5)
+    few = quantized[: max(len(SHAPES), len(quantized) // 4)]
+    timings["dequantize + F.linear (q4lab before)"] = cycle_time(
+        few, lambda l: F.linear(xs[l[1].shape[1]], q4lab.dequantize_4bit(l[0], l[1], torch.float32)),
+        passes=2)
+    bnb_layers = [(p.view(-1, 1).t(), bnb_state(s), s.shape[1]) for p, s in few]
+    timings["bitsandbytes matmul_4bit"] = cycle_time(
+        bnb_layers, lambda l: bnb.matmul_4bit(xs[l[2]], l[0], l[1]), passes=2)
+    del quantized, few, bnb_layers
+    floats = make_layers(cycle_bytes, lambda s: s[0] * s[1] * 4, lambda s, i: weight(s, i))
+    timings["float32 F.linear"] = cycle_time(floats, lambda w: F.linear(xs[w.shape[1]], w), passes=3)
+    del floats
+
+    base = timings["q4lab fused (auto)"]
+    results["ms_per_layer"] = {k: v * 1e3 for k, v in timings.items()}
+    results["packed_GBps_q4lab_fused"] = packed_per_layer / base / 1e9
+    results["stored_GBps_q4lab_fused"] = stored / base / 1e9
+    results["fraction_of_torch_sum_bandwidth"] = packed_per_layer / base / bandwidth
+    results["speedup_vs"] = {k: v / base for k, v in timings.items()}
+    return results
+
+
+# ---- part 2: SmolLM2 decode ----------------------------------------------------------------------
+def decode_tokens_per_s(model, tok, n: int) -> float:
+    enc = tok("The history of the printing press", return_tensors="pt")
+    kw = dict(do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=4, **kw)
+        best = 0.0
+        for _ in range(2):
+            start = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
+            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - start))
+    return best
+
+
+def bnb_model(model):
+    import bitsandbytes as bnb
+
+    cfg = q4lab.Q4Config()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and not cfg.skips(name) \
+                and module.weight.numel() >= cfg.min_numel:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features,
+                                      bias=module.bias is not None, compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64,
+                                             compress_statistics=True,
+                                             quant_type="nf4")._quantize("cpu")
+            if module.bias is not None:
+                layer.bias = module.bias
+            q4lab.quantize.set_submodule(model, name, layer)
+    return model.eval()
+
+
+def bench_decode(tokens: int) -> dict:
+    from q4lab import models
+    from q4lab.nn import Linear4bit
+
+    model, tok = models.load_smollm2()
+    model.eval()
+    result = {"float32": decode_tokens_per_s(model, tok, tokens)}
+    q4lab.quantize_model(model, q4lab.Q4Config(compute_dtype=torch.float32), progress=False)
+    answers = {}
+    for path in ("dequantize", "auto"):
+        Linear4bit.matmul_path = path
+        result[f"q4lab NF4+DQ ({'fused' if path == 'auto' else 'dequantize + F.linear'})"] = \
+            decode_tokens_per_s(model, tok, tokens)
+        answers[path] = [models.generate(model, tok, p, 32) for p in PROMPTS]
+    Linear4bit.matmul_path = "auto"
+    del model
+    model, tok = models.load_smollm2()
+    result["bitsandbytes NF4+DQ"] = decode_tokens_per_s(bnb_model(model), tok, tokens)
+    same = [a == b for a, b in zip(answers["dequantize"], answers["auto"])]
+    return {"tokens_per_s": result, "tokens": tokens,
+            "greedy_continuations_identical": same,
+            "continuations": {"fused": answers["auto"], "dequantize": answers["dequantize"]}}
+
+
+def machine() -> dict:
+    import bitsandbytes
+
+    try:
+        import torchao
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = None
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(), "last_level_cache_mib":
+            last_level_cache_bytes() / 2**20, "python": sys.version.split()[0],
+            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "torchao": torchao_version, "q4lab": q4lab.__version__, "isas": fused.isas()}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycle-mib", type=float, default=None,
+                        help="MiB of packed 4-bit layers per cycle (default: 2 x last-level cache, "
+                             "at least 256)")
+    parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode timing")
+    parser.add_argument("--skip-model", action="store_true", help="layers only, no SmolLM2 decode")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    assert q4lab.backends()["cpu"] is True, q4lab.backends()
+    info = machine()
+    cycle = int((args.cycle_mib or max(256, 2 * info["last_level_cache_mib"])) * 2**20)
+    bandwidth = read_bandwidth(max(cycle, 1 << 30))
+    print(f"torch.sum reads {bandwidth / 1e9:.1f} GB/s", flush=True)
+    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9, "layers": bench_layers(cycle, bandwidth)}
+    if not args.skip_model:
+        result["decode"] = bench_decode(args.tokens)
+    info["load_average_at_end"] = os.getloadavg()
+    report(result)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"infer_cpu_{dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return result
+
+
+def report(r: dict) -> None:
+    lay = r["layers"]
+    print(f"\none-row matmul, cycle of {lay['layers_in_cycle']} layers ({lay['packed_mib_in_cycle']:.0f}"
+          f" MiB packed), torch.sum {r['torch_sum_GBps']:.1f} GB/s")
+    for name, ms in lay["ms_per_layer"].items():
+        print(f"  {name:40s} {ms:8.2f} ms/layer   q4lab fused is {lay['speedup_vs'][name]:6.2f}x faster")
+    print(f"  q4lab fused reads {lay['packed_GBps_q4lab_fused']:.1f} GB/s of packed bytes = "
+          f"{100 * lay['fraction_of_torch_sum_bandwidth']:.0f}% of torch.sum's bandwidth")
+    if "decode" in r:
+        tps = r["decode"]["tokens_per_s"]
+        q = tps["q4lab NF4+DQ (fused)"]
+        print("\nSmolLM2-135M greedy decode, batch 1, KV cache")
+        for name, v in tps.items():
+            print(f"  {name:40s} {v:6.1f} tokens/s   q4lab fused / this = {q / v:5.2f}x")
+        print(f"  greedy continuations fused == dequantize: {r['decode']['greedy_continuations_identical']}")
+
+
+if __name__ == "__main__":
+    main()
