@@ -6,9 +6,9 @@ keep_error_stats=True)``, ``q4lab.report``, the widgets). It accepts NumPy array
 neither torch nor anything else beyond NumPy.
 
 SQNR (signal-to-quantization-noise ratio) is ``10 log10(sum w^2 / sum e^2)`` dB with ``e = w_hat -
-w``, sums in float64. The two limits follow the formula (docs/format.md, "Measuring the error"):
+w``, sums in float64. The two limits follow the formula, and this is the rule everywhere:
 - ``sum e^2 == 0``: the reconstruction is exact, SQNR = ``+inf``. This includes an all-zero weight,
-  which 4-bit storage always reproduces exactly (rule 5: an all-zero block decodes to +0.0).
+  which 4-bit storage always reproduces exactly (docs/format.md §5: an all-zero block decodes to +0.0).
 - ``sum w^2 == 0 < sum e^2``: noise with no signal, SQNR = ``-inf``.
 """
 from __future__ import annotations
@@ -36,24 +36,21 @@ def error_stats(weight, weight_hat) -> dict:
     """``{"mse", "max_abs_err", "sqnr_db"}`` of ``weight_hat`` against ``weight`` (same shape;
     NumPy arrays or torch tensors, any float dtype; values taken as float32 then summed in
     float64)."""
+    if tuple(np.shape(weight)) != tuple(np.shape(weight_hat)):
+        raise ValueError(f"shapes differ: weight {tuple(np.shape(weight))}, weight_hat "
+                         f"{tuple(np.shape(weight_hat))}")
+    if math.prod(np.shape(weight)) == 0:
+        raise ValueError("cannot measure the error of an empty weight")
     if hasattr(weight, "detach") and hasattr(weight_hat, "detach"):  # torch: reduce on device
         w = weight.detach().float().double()
         e = weight_hat.detach().float().double().to(w.device) - w
-        if tuple(w.shape) != tuple(e.shape):
-            raise ValueError(f"shapes differ: weight {tuple(weight.shape)}, weight_hat "
-                             f"{tuple(weight_hat.shape)}")
         signal, noise, worst = float((w * w).sum()), float((e * e).sum()), float(e.abs().max())
         n = w.numel()
     else:
         w = _host_f64(weight)
-        w_hat = _host_f64(weight_hat)
-        if w.shape != w_hat.shape:
-            raise ValueError(f"shapes differ: weight {w.shape}, weight_hat {w_hat.shape}")
-        e = w_hat - w
+        e = _host_f64(weight_hat) - w
         signal, noise, worst = float(np.sum(w * w)), float(np.sum(e * e)), float(np.max(np.abs(e)))
         n = w.size
-    if n == 0:
-        raise ValueError("cannot measure the error of an empty weight")
     return {"mse": noise / n, "max_abs_err": worst, "sqnr_db": sqnr_db(signal, noise)}
 
 

@@ -1,8 +1,9 @@
 """Codebooks and thresholds against their published values, bit for bit.
 
 Oracles: the NF4 / FP4 float32 hex tables of bitsandbytes ``get_4bit_type`` and the 256-entry
-``create_dynamic_map()`` table (bnb-4bit-format.md §1.1, §2.1, Appendix A, read from bnb 0.50.2), the
-float32 thresholds compiled into bnb's CUDA ``dQuantizeNF4`` (§3, from SASS), and real bitsandbytes.
+``create_dynamic_map()`` table (docs/format.md, "The tables"; read from bnb 0.50.2), the float32
+thresholds compiled into bnb's CUDA ``dQuantizeNF4`` (docs/bitsandbytes.md §3, from SASS), and real
+bitsandbytes.
 """
 from fractions import Fraction
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from q4lab import reference as ref
-from q4lab.reference.codebooks import exact_midpoint_f32, torch_linspace_f32
+from q4lab.reference.codebooks import exact_midpoint_f32, torch_linspace_f32, zero_code
 from q4lab.testing import assert_bytes_equal
 
 NF4_PUBLISHED = [0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F,
@@ -150,3 +151,14 @@ def test_tables_equal_real_bitsandbytes():
     assert_bytes_equal(bnbf.create_dynamic_map(), ref.dynamic_map(), "dynamic map")
     normal = bnbf.create_normal_map().numpy()
     assert_bytes_equal(np.concatenate([normal[:8], normal[-8:]]), ref.nf4_codebook(), "normal map")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_zero_code_is_the_level_zero_and_what_zero_encodes_to(quant_type):
+    """``constants.ZERO_CODES`` (also generated into csrc/q4_tables.h, where the kernels pad odd
+    lengths with it) names the level +0.0 of each table, and 0.0 and -0.0 encode to it."""
+    code = zero_code(quant_type)
+    table = ref.codebook(quant_type)
+    assert table[code] == 0.0 and not np.signbit(table[code]), (quant_type, code, table[code])
+    packed, _ = ref.quantize_4bit(np.array([1.0, 0.0, -0.0], np.float32), 32, quant_type, False)
+    assert packed[0] & 0x0F == code and packed[1] >> 4 == code and packed[1] & 0x0F == code

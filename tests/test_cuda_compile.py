@@ -1,4 +1,5 @@
-"""Compile-only check of ``csrc/q4_cuda.cu`` with nvcc against torch's headers (DESIGN.md §5).
+"""Compile-only check of ``csrc/q4_cuda.cu`` with nvcc against torch's headers
+(docs/architecture.md §2, §3).
 
 The CI and dev machines have a CPU-only torch and a partial CUDA 13 toolkit (nvcc, cudart), so the
 CUDA kernels cannot be linked or run here; this test proves they compile, with the flags the real

@@ -1,4 +1,4 @@
-"""The reference's rounding rules, one named test per bucket of DESIGN.md §4.
+"""The reference's rounding rules, one named test per bucket of docs/format.md §1-§8.
 
 Each test builds inputs that land exactly where a rule matters (a threshold and one float32 ulp either
 side, signed zeros, subnormal and huge blocks, all-zero blocks, tails, odd n, exact ties of the 8-bit
@@ -13,8 +13,8 @@ import pytest
 
 from q4lab import reference as ref
 from q4lab.reference import blockwise, double_quant
-from q4lab.state import bits_per_param
-from q4lab.testing import assert_bytes_equal, sample_inputs
+from q4lab.state import bits_per_param, storage_bytes, storage_bytes_for
+from q4lab.testing import assert_bytes_equal, boundary_values, sample_inputs
 
 F32 = np.float32
 
@@ -332,3 +332,39 @@ def test_dequantize_dtype_accepts_numpy_types():
     packed, state = ref.quantize_4bit(np.ones(70, F32), 32)
     for dtype in (np.float16, np.dtype("float16"), "float16"):
         assert ref.dequantize_4bit(packed, state, dtype).dtype == np.float16
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_boundary_values_hold_each_types_own_levels(quant_type):
+    """``testing.boundary_values`` (the rounding-bucket inputs of the parity tests and the sweep)
+    holds the type's own thresholds, ±1 ulp, and its own codebook levels: int4's levels k/7 are
+    not FP4's (an int4 sample once took the FP4 table)."""
+    vals = set(boundary_values(quant_type).view(np.uint32).tolist())
+    t = ref.thresholds(quant_type)
+    for want, what in ((ref.codebook(quant_type), "level"), (t, "threshold"),
+                       (np.nextafter(t, F32(-2)), "threshold - 1 ulp"),
+                       (np.nextafter(t, F32(2)), "threshold + 1 ulp")):
+        missing = [float(v) for v in want if int(np.asarray(v, F32).view(np.uint32)) not in vals]
+        assert not missing, f"{quant_type} boundary values lack {what}s {missing}"
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("n", [1, 63, 64 * 256 + 1, 3 * 4096 * 256 + 5])
+def test_storage_bytes_formula_equals_the_arrays_of_a_real_state(n, blocksize, double_quant):
+    """``storage_bytes_for`` (the one storage formula, also used by lora_memory and the memory
+    calculator) equals the bytes a real quantized tensor holds, part by part; a state whose
+    arrays do not have the format's sizes is refused instead of counted."""
+    x = np.random.default_rng(n).standard_normal(n).astype(F32)
+    packed, state = ref.quantize_4bit(x, blocksize, "nf4", double_quant)
+    held = {"packed": packed.nbytes, **state.nbytes()}
+    assert storage_bytes_for(n, blocksize, double_quant) == held == storage_bytes(state)
+    state.absmax = state.absmax[:-1] if state.absmax.size > 1 else state.absmax.astype(np.float64)
+    with pytest.raises(ValueError, match="state arrays hold"):
+        storage_bytes(state)
+
+
+def test_storage_bytes_formula_rejects_bad_sizes():
+    for numel, blocksize in ((0, 64), (-3, 64), (2.5, 64), (True, 64), (100, 48)):
+        with pytest.raises(ValueError, match="numel|blocksize"):
+            storage_bytes_for(numel, blocksize)

@@ -1,7 +1,7 @@
 """``quantize_4bit`` / ``dequantize_4bit`` on NumPy arrays: the executable specification.
 
 Mirrors bitsandbytes ``functional.py::quantize_4bit`` / ``dequantize_4bit`` (same outputs, same
-QuantState fields), with q4lab's exact rounding rules (DESIGN.md §4; see ``blockwise`` and
+QuantState fields), with q4lab's exact rounding rules (docs/format.md; see ``blockwise`` and
 ``double_quant`` for each step). Input checks live here too, so every backend rejects the same
 inputs with the same messages.
 """
@@ -48,7 +48,7 @@ def check_offset(offset, double_quant: bool):
 
 
 def check_finite(flat: np.ndarray, blocksize: int) -> None:
-    """NaN or Inf anywhere is an error naming the first bad block and element (DESIGN.md §4.9)."""
+    """NaN or Inf anywhere is an error naming the first bad block and element (docs/format.md §9)."""
     bad = ~np.isfinite(flat)
     if bad.any():
         i = int(np.argmax(bad))

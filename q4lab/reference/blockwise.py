@@ -1,4 +1,5 @@
-"""Blockwise absmax quantization to 4-bit codes: the named steps of DESIGN.md §4, one function each.
+"""Blockwise absmax quantization to 4-bit codes: the named steps of docs/format.md §1-§6, one
+function each.
 
 Source: QLoRA (arXiv 2305.14314) §2 "Block-wise k-bit Quantization"; storage layout of bitsandbytes
 ``kernels.cu::kQuantizeBlockwise`` / ``kDequantizeBlockwise`` (high nibble first, one float32 absmax
@@ -26,7 +27,7 @@ def split_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
     """Step 1. View the flat float32 data as (nblocks, blocksize), zero-padding the tail block.
 
     The padding zeros never raise the absmax and their codes are never stored except as the pad
-    nibble of an odd-length input, which is the zero code (DESIGN.md §4.6)."""
+    nibble of an odd-length input, which is the zero code (docs/format.md §6)."""
     n = flat.size
     nblocks = -(-n // blocksize)
     padded = np.zeros(nblocks * blocksize, dtype=F32)
@@ -37,7 +38,7 @@ def split_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
 def block_absmax(blocks: np.ndarray) -> np.ndarray:
     """Step 2. absmax = max |x| over each block, float32, stored as is (exactly one input's
     magnitude). NaN must not be dropped: NumPy's max propagates it, and callers reject non-finite
-    input before this point (DESIGN.md §4.9)."""
+    input before this point (docs/format.md §9)."""
     return np.abs(blocks).max(axis=1).astype(F32)
 
 
@@ -138,7 +139,7 @@ def quantize_blocks(flat: np.ndarray, blocksize: int, quant_type: str):
 
 def decode(codes: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
     """Dequantize codes: out[i] = RN(table[code_i] * absmax[i // blocksize]) in float32 (one
-    multiply, DESIGN.md §4.8). Conversion to fp16/bf16 happens afterwards (round to nearest even)."""
+    multiply, docs/format.md §8). Conversion to fp16/bf16 happens afterwards (round to nearest even)."""
     table = codebook(quant_type)
     scale = np.repeat(np.asarray(absmax, dtype=F32), blocksize)[: codes.size]
     return (table[codes] * scale).astype(F32)

@@ -5,7 +5,8 @@ Sources:
   bitsandbytes ``functional.py::create_normal_map(offset=0.9677083, use_extra_value=True)``.
 - FP4: bitsandbytes ``functional.py::get_4bit_type("fp4")`` (index order = bit pattern).
 - Dynamic 8-bit map: bitsandbytes ``functional.py::create_dynamic_map(signed=True, 7, 8)``.
-- Thresholds: q4lab's own rule (DESIGN.md §4): float32 round-to-nearest of the exact midpoint.
+- Thresholds: q4lab's own rule (docs/format.md, table T5): float32 round-to-nearest of the exact
+  midpoint.
 
 Every table here is *derived* at call time from its recipe and checked bit for bit against the
 published hex tables in ``tests/test_codebooks.py``.

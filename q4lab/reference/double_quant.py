@@ -3,7 +3,7 @@
 
     offset -> center -> absmax per 256 -> reciprocal -> scale -> 8-bit encode
 
-Rules (DESIGN.md §4.7-8), each one exact and reproduced by the kernels:
+Rules (docs/format.md §7, §8), each one exact and reproduced by the kernels:
 - offset: the mean of all absmax values, rounded ONCE to float32 from the exact sum
   (:func:`exact_mean_f32`). bitsandbytes uses torch's float32 ``mean()``, whose result depends on the
   device and the thread count; q4lab's is order-independent, so every path agrees.
