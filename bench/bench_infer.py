@@ -161,6 +161,21 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     return results
 
 
+def bench_rows() -> dict:
+    """Fused vs dequantize + F.linear for M = 1 ... 64 rows on one 4096x4096 layer: where the
+    crossover lies (``q4lab.matmul.FUSED_MAX_ROWS`` is set from it)."""
+    packed, state = q4lab.quantize_4bit(weight((4096, 4096), 0))
+    out = {}
+    for rows in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(rows, 4096)
+        fused_s = cycle_time([None], lambda _: q4lab.matmul_4bit(x, packed, state), passes=5)
+        deq_s = cycle_time([None], lambda _: F.linear(x, q4lab.dequantize_4bit(packed, state,
+                                                                                torch.float32)),
+                           passes=5)
+        out[rows] = {"fused_ms": fused_s * 1e3, "dequantize_linear_ms": deq_s * 1e3}
+    return out
+
+
 # ---- part 2: SmolLM2 decode ----------------------------------------------------------------------
 def decode_tokens_per_s(model, tok, n: int) -> float:
     enc = tok("The history of the printing press", return_tensors="pt")
@@ -250,7 +265,8 @@ def main() -> dict:
     cycle = int((args.cycle_mib or max(256, 2 * info["last_level_cache_mib"])) * 2**20)
     bandwidth = read_bandwidth(max(cycle, 1 << 30))
     print(f"torch.sum reads {bandwidth / 1e9:.1f} GB/s", flush=True)
-    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9, "layers": bench_layers(cycle, bandwidth)}
+    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9, "layers": bench_layers(cycle, bandwidth),
+              "rows_crossover": bench_rows()}
     if not args.skip_model:
         result["decode"] = bench_decode(args.tokens)
     info["load_average_at_end"] = os.getloadavg()
@@ -270,6 +286,9 @@ def report(r: dict) -> None:
         print(f"  {name:40s} {ms:8.2f} ms/layer   q4lab fused is {lay['speedup_vs'][name]:6.2f}x faster")
     print(f"  q4lab fused reads {lay['packed_GBps_q4lab_fused']:.1f} GB/s of packed bytes = "
           f"{100 * lay['fraction_of_torch_sum_bandwidth']:.0f}% of torch.sum's bandwidth")
+    print("\nrows of x (4096x4096 layer):  " + "  ".join(
+        f"{m}: fused {v['fused_ms']:.2f} / dequant {v['dequantize_linear_ms']:.2f} ms"
+        for m, v in r["rows_crossover"].items()))
     if "decode" in r:
         tps = r["decode"]["tokens_per_s"]
         q = tps["q4lab NF4+DQ (fused)"]
