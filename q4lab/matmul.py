@@ -103,11 +103,31 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor
     if not state.is_torch:
         state = state.to(packed.device)
     n, k = check_matmul_args(x, packed, state, bias)
-    which = ops.resolve_backend(backend, x.device)
+    return _fused(x, packed, state, bias, ops.resolve_backend(backend, x.device))
+
+
+def _fused(x, packed, state, bias, which: str) -> torch.Tensor:
+    """The product for checked arguments; autograd only when a gradient is wanted (decode runs
+    under no_grad and should not pay for it)."""
+    n, k = int(state.shape[0]), int(state.shape[1])
     lead = tuple(x.shape[:-1])
     x2d = x.reshape(math.prod(lead), k)
-    y = _FusedMatmul.apply(x2d, packed, state, bias, which)
+    if torch.is_grad_enabled() and (x2d.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _FusedMatmul.apply(x2d, packed, state, bias, which)
+    elif which == "reference":
+        y = _reference(x2d, packed, state, bias)
+    else:
+        y = _kernel(x2d, packed, state, bias)
     return y.reshape(*lead, n)
+
+
+def linear_forward(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
+    """``Linear4bit``'s fused path: the layer checked its packed weight and state when it was built,
+    and the caller checked that a native kernel exists for x's device; only x is checked here."""
+    if x.shape[-1] != state.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features="
+                         f"{state.shape[1]}")
+    return _fused(x.contiguous(), packed, state, bias, x.device.type)
 
 
 def isas() -> list[str]:

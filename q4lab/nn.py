@@ -109,7 +109,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x = x.to(self.compute_dtype)
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
-            y = fused_matmul.matmul_4bit(x.contiguous(), self.packed, self.quant_state, bias)
+            y = fused_matmul.linear_forward(x, self.packed, self.quant_state, bias)
         else:                   # prefill / training: dequantize once, one float matmul
             y = _DequantMatmul.apply(x, self.packed, self.quant_state, bias)
         return y.to(in_dtype)
