@@ -25,6 +25,7 @@ _LAZY = {
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
                "interop", "quantize", "files", "metrics", "matmul")
 _SUBMODULES += ("hf", "checkpoint", "stream")
+_SUBMODULES += ("quality",)
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]
 

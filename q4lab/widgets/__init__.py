@@ -11,6 +11,8 @@ be read back, so every widget is tested headless (bqplot's habit) and in a real 
 - ``memory_calculator()``: bits/param and GB for 7B-70B models (QLoRA §3 "Double Quantization").
 - ``model_dashboard(model)``: every layer's error and bytes as a heatmap and a table.
 - ``compute_dtype_explorer(weights)``: float32 / float16 / bfloat16 compute of a 4-bit layer.
+- ``quality_lab(model=None, tokenizer=None, text=None)``: requantize a real LLM per format and
+  watch perplexity, bytes and output move (QLoRA Table 2, per-layer sensitivity).
 """
 from .block_inspector import BlockInspector, block_inspector
 from .compute_dtype import ComputeDtypeExplorer, compute_dtype_explorer
@@ -18,8 +20,10 @@ from .codebook_explorer import CodebookExplorer, codebook_explorer, nf4_derivati
 from .error_histograms import ErrorHistograms, error_histograms
 from .memory_calculator import MemoryCalculator, memory_calculator, model_memory, tensor_bytes
 from .model_dashboard import ModelDashboard, layer_table, model_dashboard
+from .quality_lab import QualityLab, quality_lab
 
 __all__ = ["codebook_explorer", "block_inspector", "error_histograms", "memory_calculator",
            "model_dashboard", "compute_dtype_explorer", "ComputeDtypeExplorer", "CodebookExplorer", "BlockInspector", "ErrorHistograms",
            "MemoryCalculator", "ModelDashboard", "nf4_derivation", "tensor_bytes", "model_memory",
-           "layer_table"]
+           "layer_table", "quality_lab",
+           "QualityLab"]

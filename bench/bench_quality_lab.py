@@ -1,0 +1,114 @@
+"""Seconds per control change of ``q4lab.widgets.quality_lab`` on SmolLM2-135M (issue 13's target:
+<= 10 s per change on the 2-core CPU machine). A benchmark figure, not a timed test.
+
+Builds the lab (default 1024 tokens of the Apache License 2.0 passage, 12 generated tokens), then
+makes ``--changes`` control changes from Python, each to a configuration not seen before (so none
+is served from the cache): every change requantizes the float model with q4lab's kernel, scores
+the passage, generates the continuation and redraws. Reports wall seconds per change (median and
+max) and the per-step split (quantize / perplexity / continuation) from the lab's own timings.
+The machine may be shared: the 1-minute load average before and after is recorded, with the CPU
+count and torch's thread count, because a loaded 2-core machine can be many times slower.
+
+Writes JSON to ``bench/results/quality_lab_cpu_<date>.json`` (date, versions, machine, load,
+timings). Usage: ``python bench/bench_quality_lab.py [--tokens 1024] [--new-tokens 12]
+[--changes 8] [--threads N] [--out PATH]``. Method: ``q4lab/quality.py``; widget conventions:
+``docs/architecture.md`` §4.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (control, value) in order; each lands on a configuration the lab has not evaluated yet.
+CHANGES = (("quant_type", "fp4"), ("double_quant", False), ("quant_type", "int4"),
+           ("quant_type", "nf4"), ("blocksize", 256), ("blocksize", 4096), ("layers", "attention"),
+           ("layers", "mlp"), ("lm_head", True), ("compute_dtype", "bfloat16"))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--changes", type=int, default=8, choices=range(1, len(CHANGES) + 1))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
+                    "torch's own)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    import q4lab
+    from q4lab import widgets
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    lab = widgets.quality_lab(tokens=args.tokens, new_tokens=args.new_tokens)
+    build = time.perf_counter() - t0
+    print(f"built the lab in {build:.1f} s (model load, float evaluation, first configuration)")
+    changes = []
+    for control, value in CHANGES[:args.changes]:
+        n = len(lab.history)
+        t = time.perf_counter()
+        getattr(lab, control).value = value
+        wall = time.perf_counter() - t
+        assert len(lab.history) == n + 1, f"{control}={value!r} did not add a new configuration"
+        rec = lab.current
+        changes.append({"control": control, "value": value, "label": rec["label"],
+                        "seconds": wall, "steps": rec["seconds"],
+                        "perplexity": rec["perplexity"], "bits_per_param": rec["bits_per_param"],
+                        "model_bytes": rec["model_bytes"]})
+        print(f"{control}={value!r:<12} -> {rec['label']:<24} {wall:6.2f} s  (quantize "
+              f"{rec['seconds']['quantize']:.2f}, perplexity {rec['seconds']['perplexity']:.2f}, "
+              f"continuation {rec['seconds']['continuation']:.2f})  ppl {rec['perplexity']:.3f}")
+    secs = [c["seconds"] for c in changes]
+    load_after = os.getloadavg()
+    result = {
+        "benchmark": "quality_lab seconds per control change", "target_seconds": 10.0,
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": {"q4lab": q4lab.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "machine": machine(), "torch_threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+        "model": "SmolLM2-135M-Instruct (q4lab.models.load_smollm2, float32)",
+        "tokens": lab.ids.numel(), "new_tokens": args.new_tokens,
+        "float_perplexity": lab.float_record["perplexity"], "build_seconds": build,
+        "median_seconds": statistics.median(secs), "max_seconds": max(secs),
+        "changes": changes,
+    }
+    print(f"median {result['median_seconds']:.2f} s, max {result['max_seconds']:.2f} s per change "
+          f"(target <= 10 s); load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    out = args.out or ROOT / "bench" / "results" / f"quality_lab_cpu_{dt.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,300 @@
+"""``quality_lab(model=None, tokenizer=None, text=None)``: change the 4-bit format of a real LLM and
+watch its perplexity, bytes and output move; build QLoRA's data-type table one choice at a time.
+
+Each change of a control requantizes the ONE float model with q4lab's native kernel
+(``q4lab.quality.quantized`` -> ``q4lab.quantize_model``), measures perplexity on the passage, bits
+and bytes from the stored bytes and a short greedy continuation, restores the float layers, and
+adds a labelled point to the "perplexity vs bits/param" scatter (history kept, Pareto front drawn,
+the float model as a reference line). "run the paper's table" sweeps QLoRA Table 2's data types;
+"per-layer sensitivity" fills a heatmap of the perplexity change per layer kind and depth.
+
+Sources: QLoRA (arXiv 2305.14314) §3 and Table 2; the functions are :mod:`q4lab.quality`; widget
+conventions (controls settable from Python, one re-synced redraw per change) are
+``docs/architecture.md`` §4; bits/param from the stored bytes: ``docs/format.md`` §11.
+Defaults: SmolLM2-135M-Instruct (``q4lab.models.load_smollm2``) and the first 1024 tokens of the
+Apache License 2.0 text an installed dependency ships.
+"""
+from __future__ import annotations
+
+import html
+
+from .. import quality as Q
+from ..reference import BLOCKSIZES
+from ._common import WidgetBase, hint, html_table, new_figure, redraw
+
+COLORS = {"nf4": "#1f77b4", "fp4": "#d62728", "int4": "#2ca02c"}
+CODEBOOKS = (("NF4", "nf4"), ("FP4", "fp4"), ("uniform INT4", "int4"))
+LAYERS = (("attention", "attention"), ("MLP", "mlp"), ("all", "all"))
+
+
+class QualityLab(WidgetBase):
+    """Drive it from Python: ``quant_type`` / ``blocksize`` / ``double_quant`` / ``layers`` /
+    ``lm_head`` / ``compute_dtype`` ``.value`` (each change evaluates once), or ``set(**changes)``
+    for several at one evaluation; ``run_paper_table()``, ``sweep(configs)``;
+    ``compute_sensitivity()``. Read
+    ``current`` (the shown record: perplexity, bits_per_param, model_bytes, continuation, ...),
+    ``history`` (every configuration evaluated, in order), ``float_record``, ``fig.data`` (the
+    scatter) and ``sensitivity_fig.data`` (the heatmap)."""
+
+    def __init__(self, model=None, tokenizer=None, text=None, tokens: int = 1024,
+                 prompt: str = Q.PROMPT, new_tokens: int = 12, config: Q.LabConfig | None = None):
+        import ipywidgets as W
+
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither (default: SmolLM2)")
+        if model is None:
+            from ..models import load_smollm2
+
+            model, tokenizer = load_smollm2()
+        model.eval()
+        self.model, self.tokenizer, self.prompt, self.new_tokens = model, tokenizer, prompt, \
+            new_tokens
+        self.note = getattr(model, "q4lab_note", "")
+        self.ids = Q.text_tokens(tokenizer, text, tokens)
+        self.params = Q.count_params(model)
+        Q.linear_layers(model)  # a model that is already 4-bit is refused here
+        cfg = Q.LabConfig() if config is None else config
+        self.results: dict = {}      # LabConfig -> record
+        self.history: list = []      # records in the order they were first evaluated
+        self.sensitivity = None
+        self._sens_cache: dict = {}
+        self._hold = False
+
+        self.quant_type = W.ToggleButtons(options=CODEBOOKS, value=cfg.quant_type,
+                                          description="codebook")
+        self.blocksize = W.SelectionSlider(options=BLOCKSIZES, value=cfg.blocksize,
+                                           description="blocksize", continuous_update=False)
+        self.double_quant = W.Checkbox(value=cfg.double_quant, description="double quant")
+        self.layers = W.ToggleButtons(options=LAYERS, value=cfg.layers, description="layers")
+        self.lm_head = W.Checkbox(value=cfg.lm_head, description="lm_head too")
+        self.compute_dtype = W.Dropdown(options=Q.COMPUTE_DTYPES, value=cfg.compute_dtype,
+                                        description="compute", layout=W.Layout(width="200px"))
+        self.paper_button = W.Button(description="run the paper's table", icon="table",
+                                     layout=W.Layout(width="200px"))
+        self.sens_button = W.Button(description="per-layer sensitivity", icon="th",
+                                    layout=W.Layout(width="200px"))
+        self.readout = W.HTML()
+        self.table = W.HTML()
+        self.log = W.Output()
+        self.fig = new_figure(height=440, xaxis_title="bits/param, whole model (stored bytes)",
+                              yaxis_title="perplexity (lower is better)",
+                              margin=dict(l=70, r=20, t=60, b=60),
+                              legend=dict(orientation="h", y=-0.18))
+        self.sensitivity_fig = new_figure(height=360, xaxis_title="depth (transformer block)",
+                                          margin=dict(l=150, r=20, t=60, b=50))
+        for w in (self.quant_type, self.blocksize, self.double_quant, self.layers, self.lm_head,
+                  self.compute_dtype):
+            w.observe(self._changed, names="value")
+        self.paper_button.on_click(lambda _b: self._in_log(self.run_paper_table))
+        self.sens_button.on_click(lambda _b: self._in_log(self.compute_sensitivity))
+        self.widget = W.VBox([
+            self.quant_type, W.HBox([self.blocksize, self.double_quant]),
+            W.HBox([self.layers, self.lm_head]),
+            W.HBox([self.compute_dtype, self.paper_button, self.sens_button]),
+            self.readout, self.fig,
+            hint("<b>Try this:</b> switch the codebook between NF4, FP4 and INT4 at blocksize 64, "
+                 "then toggle double quant. <b>Look for:</b> NF4's point sits lowest; double "
+                 "quant moves a point left (fewer bits) without moving it up."),
+            self.log, self.table, self.sensitivity_fig])
+        self.float_record = Q.evaluate(model, self.ids, None, tokenizer, prompt, new_tokens,
+                                       self.params)
+        self.update()
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def config(self) -> Q.LabConfig:
+        """The configuration the controls show now."""
+        return Q.LabConfig(self.quant_type.value, self.blocksize.value, self.double_quant.value,
+                           self.layers.value, self.lm_head.value, self.compute_dtype.value)
+
+    @property
+    def perplexity(self) -> float:
+        return self.current["perplexity"]
+
+    def set(self, **changes) -> dict:
+        """Set several controls (``quant_type=``, ``blocksize=``, ``double_quant=``, ``layers=``,
+        ``lm_head=``, ``compute_dtype=``) and evaluate once; returns the new current record."""
+        names = ("quant_type", "blocksize", "double_quant", "layers", "lm_head", "compute_dtype")
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"unknown controls {unknown}; the controls are {list(names)}")
+        self.config.replace(**changes)  # checks every value before any control moves
+        self._hold = True
+        try:
+            for k, v in changes.items():
+                getattr(self, k).value = v
+        finally:
+            self._hold = False
+        self.update()
+        return self.current
+
+    def _changed(self, _change) -> None:
+        if not self._hold:
+            self.update()
+
+    def _in_log(self, fn) -> None:
+        self.log.clear_output()
+        with self.log:
+            fn()
+
+    def evaluate(self, cfg: Q.LabConfig) -> dict:
+        """The record of ``cfg`` (evaluated once, then cached), added to the history."""
+        if cfg not in self.results:
+            rec = Q.evaluate(self.model, self.ids, cfg, self.tokenizer, self.prompt,
+                             self.new_tokens, self.params)
+            self.results[cfg] = rec
+            self.history.append(rec)
+        return self.results[cfg]
+
+    def update(self) -> None:
+        """Evaluate the controls' configuration (cached if seen before) and redraw."""
+        cfg = self.config
+        try:
+            self.current = self.evaluate(cfg)
+        except Exception as exc:
+            self.readout.value = (f"<p style='color:#b00'><b>{html.escape(cfg.label)} failed:</b> "
+                                  f"{html.escape(f'{type(exc).__name__}: {exc}')}</p>")
+            raise
+        self.redraw()
+
+    def run_paper_table(self, progress: bool = True) -> list[dict]:
+        """Evaluate QLoRA Table 2's data types (INT4, FP4, NF4, NF4 + double quant; blocksize 64,
+        every linear layer but lm_head) with a progress bar; see :meth:`sweep`."""
+        return self.sweep(Q.PAPER_TABLE, "QLoRA Table 2's data types on this model", progress)
+
+    def sweep(self, configs, title: str = "sweep", progress: bool = True) -> list[dict]:
+        """Evaluate each :class:`q4lab.quality.LabConfig` (cached ones are not recomputed) with a
+        tqdm progress bar, add them to the scatter, show them as a table; returns their records.
+        The controls and the current point stay where they are."""
+        from tqdm.auto import tqdm
+
+        configs = list(configs)
+        bad = [c for c in configs if not isinstance(c, Q.LabConfig)]
+        if bad or not configs:
+            raise TypeError(f"sweep needs a non-empty list of q4lab.quality.LabConfig, got "
+                            f"{bad[0] if bad else configs!r}")
+        records = []
+        for cfg in tqdm(configs, desc=title, unit="config", disable=not progress):
+            records.append(self.evaluate(cfg))
+            self.redraw()
+        f = self.float_record
+        rows = [(f["label"], f"{f['perplexity']:.3f}", "-", f"{f['model_bytes'] / 1e6:.1f}")]
+        rows += [(r["label"], f"{r['perplexity']:.3f}", f"{r['bits_per_param']:.4f}",
+                  f"{r['model_bytes'] / 1e6:.1f}") for r in records]
+        self.table.value = html_table(rows, ("format", "perplexity", "bits/param (4-bit layers)",
+                                             "model MB"),
+                                      f"{html.escape(title)}: {self.ids.numel()} tokens")
+        return records
+
+    def compute_sensitivity(self, kinds=None, depths=None, tokens: int | None = None,
+                            progress: bool = True):
+        """Perplexity change when each layer is quantized ALONE in the controls' format, on the
+        first ``tokens`` tokens of the passage (default all), cached; drawn as a heatmap of layer
+        kind x depth. Returns the :class:`q4lab.quality.Sensitivity`."""
+        ids = self.ids
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+                raise ValueError(f"tokens must be an int >= 2, got {tokens!r}")
+            ids = ids[:, :tokens]
+        base = self.float_record["perplexity"] if ids.numel() == self.ids.numel() else None
+        self.sensitivity = Q.sensitivity(self.model, ids, self.config, kinds, depths,
+                                         self._sens_cache, base, progress)
+        self.sensitivity_tokens = ids.numel()
+        self._draw_sensitivity()
+        return self.sensitivity
+
+    # ---- drawing ----------------------------------------------------------------------------
+    def redraw(self) -> None:
+        """Scatter (history per codebook, Pareto front, float reference, current point) and the
+        readout, in one re-synced update."""
+        import plotly.graph_objects as go
+
+        hist, cur, f = self.history, self.current, self.float_record
+        traces = []
+        for name, qt in CODEBOOKS:
+            recs = [r for r in hist if r["config"]["quant_type"] == qt]
+            if not recs:
+                continue
+            traces.append(go.Scatter(
+                x=[r["model_bits_per_param"] for r in recs], y=[r["perplexity"] for r in recs],
+                text=[r["label"] for r in recs], mode="markers+text", name=name.split()[-1],
+                textposition=[("top center", "bottom center")[i % 2] for i in range(len(recs))],
+                textfont=dict(size=11), cliponaxis=False,
+                marker=dict(color=COLORS[qt], size=10,
+                            symbol=["diamond" if r["config"]["double_quant"] else "circle"
+                                    for r in recs]),
+                customdata=[[r["bits_per_param"], r["model_bytes"] / 1e6] for r in recs],
+                hovertemplate="%{text}<br>perplexity %{y:.3f}<br>%{x:.3f} bits/param (model), "
+                              "%{customdata[0]:.3f} (4-bit layers)<br>%{customdata[1]:.1f} MB"
+                              "<extra></extra>"))
+        xs = [r["model_bits_per_param"] for r in hist]
+        front = Q.pareto_front([(r["model_bits_per_param"], r["perplexity"]) for r in hist])
+        traces.append(go.Scatter(x=[xs[i] for i in front], y=[hist[i]["perplexity"] for i in front],
+                                 mode="lines", name="Pareto front", hoverinfo="skip",
+                                 line=dict(color="#555", dash="dot", shape="hv")))
+        pad = max(0.05, 0.08 * (max(xs) - min(xs)))
+        traces.append(go.Scatter(x=[min(xs) - pad, max(xs) + pad], y=[f["perplexity"]] * 2,
+                                 mode="lines", name=f"{f['label']} ({f['perplexity']:.2f})",
+                                 line=dict(color="black", dash="dash"), hoverinfo="skip"))
+        traces.append(go.Scatter(x=[cur["model_bits_per_param"]], y=[cur["perplexity"]],
+                                 mode="markers", name="current", hoverinfo="skip",
+                                 marker=dict(size=20, color="rgba(0,0,0,0)",
+                                             line=dict(color="#ff7f0e", width=3))))
+        ys = [r["perplexity"] for r in hist] + [f["perplexity"]]
+        span = max(ys) - min(ys) or 1.0
+        redraw(self.fig, traces,
+               f"perplexity vs bits/param: {len(hist)} configurations, {self.ids.numel()} tokens "
+               f"(◇ = double quant)",
+               yaxis=dict(range=[min(ys) - 0.12 * span, max(ys) + 0.15 * span],
+                          title=dict(text="perplexity (lower is better)")),
+               xaxis=dict(range=[min(xs) - 2 * pad, max(xs) + 2 * pad],
+                          title=dict(text="bits/param, whole model (8 × stored bytes / params)")))
+        self.readout.value = self._readout()
+
+    def _readout(self) -> str:
+        c, f = self.current, self.float_record
+        d = 100.0 * (c["perplexity"] / f["perplexity"] - 1)
+        s = c["seconds"]
+        rows = [("perplexity",
+                 f"{c['perplexity']:.3f} ({d:+.2f} % vs {f['perplexity']:.3f} float)"),
+                ("bits/param, 4-bit layers", f"{c['bits_per_param']:.4f} "
+                 f"({c['layers']} layers, {c['quantized_params']:,} params, "
+                 f"{c['stored_bytes']:,} bytes stored)"),
+                ("model bytes", f"{c['model_bytes']:,} ({c['model_bits_per_param']:.3f} "
+                 f"bits/param; float {f['model_bytes']:,})"),
+                ("continuation", f"{html.escape(self.prompt)} → <b>"
+                 f"{html.escape(c['continuation'])}</b>"),
+                ("float model", f"{html.escape(self.prompt)} → {html.escape(f['continuation'])}"),
+                ("seconds", f"quantize {s['quantize']:.2f}, perplexity {s['perplexity']:.2f}, "
+                 f"continuation {s['continuation']:.2f}")]
+        note = f"<p style='color:#555'>{html.escape(self.note)}</p>" if self.note else ""
+        return html_table(rows, caption=html.escape(c["label"])) + note
+
+    def _draw_sensitivity(self) -> None:
+        import plotly.graph_objects as go
+
+        s = self.sensitivity
+        vals = [v for row in s.delta for v in row if v is not None]
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
+        lim = max(abs(lo), abs(hi)) or 1.0
+        heat = go.Heatmap(z=s.delta, x=s.depths, y=s.kinds, colorscale="RdBu_r", zmid=0,
+                          zmin=-lim, zmax=lim,
+                          colorbar=dict(title=dict(text=f"Δ perplexity<br>{lo:+.3f} to "
+                                                        f"{hi:+.3f}")),
+                          hovertemplate="%{y} at depth %{x}: Δ perplexity %{z:+.4f}"
+                                        "<extra></extra>")
+        redraw(self.sensitivity_fig, [heat],
+               f"one layer quantized alone ({s.label}, {self.sensitivity_tokens} tokens): "
+               f"Δ perplexity {lo:+.3f} to {hi:+.3f} (float {s.base:.2f})",
+               yaxis=dict(autorange="reversed", title=dict(text="layer kind")),
+               xaxis=dict(dtick=1 if len(s.depths) <= 16 else 2,
+                          title=dict(text="depth (transformer block)")))
+
+
+def quality_lab(model=None, tokenizer=None, text=None, tokens: int = 1024,
+                prompt: str = Q.PROMPT, new_tokens: int = 12,
+                config: Q.LabConfig | None = None) -> QualityLab:
+    """The quality lab on ``model`` / ``tokenizer`` (default SmolLM2-135M-Instruct) and ``text``
+    (default the Apache License 2.0 passage, first ``tokens`` tokens). The model is borrowed: each
+    evaluation quantizes it in place and puts its float layers back."""
+    return QualityLab(model, tokenizer, text, tokens, prompt, new_tokens, config)
