@@ -3,8 +3,11 @@
 Bytes after are the bytes really stored (``q4lab.state.storage_bytes``: packed codes + absmax +
 nested absmax + offset; the shared codebooks are not counted), bytes before are the same weights in
 their original dtype, and bits/param is 8 * bytes / params (QLoRA, arXiv 2305.14314 §3 "Double
-Quantization": 4.5 -> ~4.127 bits at blocksize 64). Reconstruction error (MSE, max |error|, SQNR
-= 10 log10(sum w^2 / sum e^2) dB) needs the original weights: kept at quantize time
+Quantization": 4.5 -> ~4.127 bits at blocksize 64). The ratio over the 4-bit layers alone
+(32 / 4.127 = 7.75x from float32) is not what the model shrinks by: embeddings, norms and skipped
+layers (lm_head) keep their dtype, so the summary also gives the whole model's bytes before and after
+(``model_bytes``: every distinct parameter and buffer once). Reconstruction error (MSE,
+max |error|, SQNR = 10 log10(sum w^2 / sum e^2) dB) needs the original weights: kept at quantize time
 (``quantize_model(..., keep_error_stats=True)``) or passed as ``reference=`` (the original
 model, its state dict, or {layer name: weight}). Displays as an HTML table in a notebook, text
 elsewhere.
@@ -19,10 +22,10 @@ import torch
 from torch import nn
 
 from . import ops
-from .nn import Linear4bit, error_stats
+from .constants import DTYPE_BYTES
+from .metrics import error_stats
+from .nn import Linear4bit
 from .state import storage_bytes
-
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _COLUMNS = (("layer", "{}"), ("shape", "{}"), ("quant", "{}"), ("params", "{:,}"),
             ("bytes_before", "{:,}"), ("bytes_after", "{:,}"), ("bits_per_param", "{:.3f}"),
             ("mse", "{:.3e}"), ("max_abs_err", "{:.3e}"), ("sqnr_db", "{:.2f}"))
@@ -58,9 +61,14 @@ class Report:
         t = self.total
         if not t.get("params"):
             return "no 4-bit layers"
-        return (f"{t['layers']} layers, {t['params']:,} params: {t['bytes_before']:,} -> "
+        text = (f"{t['layers']} 4-bit layers, {t['params']:,} params: {t['bytes_before']:,} -> "
                 f"{t['bytes_after']:,} bytes ({t['bits_per_param']:.3f} bits/param, "
-                f"{t['bytes_saved']:,} bytes saved, {t['compression']:.2f}x)")
+                f"{t['compression']:.2f}x on these layers)")
+        mb = self.model_bytes
+        if mb.get("now"):
+            text += (f"; whole model {mb['before'] / 1e6:.1f} MB -> {mb['now'] / 1e6:.1f} MB "
+                     f"({mb['before'] / mb['now']:.2f}x: what is not 4-bit keeps its dtype)")
+        return text
 
     def _repr_html_(self) -> str:
         head, *body = self._table()
@@ -103,7 +111,7 @@ def _row(name: str, layer: Linear4bit, ref_weight) -> dict:
     after = sum(storage_bytes(s).values())
     row = {"layer": name, "shape": tuple(s.shape), "params": s.numel,
            "quant": f"{s.quant_type}/{s.blocksize}{'+dq' if s.nested else ''}",
-           "dtype": s.dtype, "bytes_before": s.numel * _ITEMSIZE[s.dtype], "bytes_after": after,
+           "dtype": s.dtype, "bytes_before": s.numel * DTYPE_BYTES[s.dtype], "bytes_after": after,
            "bits_per_param": 8.0 * after / s.numel, "parts": storage_bytes(s),
            "mse": None, "max_abs_err": None, "sqnr_db": None}
     stats = getattr(layer, "error_stats", None)

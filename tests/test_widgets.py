@@ -1,8 +1,9 @@
 """Headless tests of q4lab.widgets: every widget driven from Python (set a control, read the
 figure), its numbers checked against q4lab.reference byte for byte, on real MiniLM weights.
 
-Style after bqplot's widget-state tests; the re-sync check follows DESIGN.md §7 (plotly.py issues
-4998/4823: the synced ``_widget_data`` must hold the current figure, or a reload shows stale data).
+Style after bqplot's widget-state tests; the re-sync check follows docs/architecture.md §4 ("A
+widget"; plotly.py issues 4998/4823: the synced ``_widget_data`` must hold the current figure, or a
+reload shows stale data).
 """
 import json
 
@@ -14,8 +15,9 @@ from torch import nn
 import q4lab
 from q4lab import reference as ref
 from q4lab import widgets
-from q4lab.reference.blockwise import BLOCKSIZES
+from q4lab.constants import BLOCKSIZES
 from q4lab.reference.codebooks import NF4_OFFSET
+from q4lab.state import storage_bytes_for
 from q4lab.testing import assert_bytes_equal
 
 plotly = pytest.importorskip("plotly")
@@ -75,15 +77,41 @@ def test_nf4_derivation_rejects_offsets_outside_the_open_interval(offset):
         widgets.nf4_derivation(offset)
 
 
-def test_nf4_bins_hold_equal_mass_per_side():
+def test_nf4_gaps_hold_equal_mass_per_side_not_across_and_are_not_rounding_bins():
+    from q4lab.reference.codebooks import midpoint_thresholds
     from q4lab.widgets.codebook_explorer import bin_shapes
 
     d = widgets.nf4_derivation(NF4_OFFSET)
-    masses = np.array([m for _, _, m in bin_shapes(d["levels"], float(d["scale"]))])
-    # 7 bins below 0 hold (offset-0.5)/7 each, 8 above hold (offset-0.5)/8 (float32 levels and
-    # normalization make them equal to ~1e-6 relative, not exactly: this is a statistical claim)
+    scale = float(d["scale"])
+    masses = np.array([m for _, _, m in bin_shapes(d["levels"], scale)])
+    # 7 gaps below 0 hold (offset-0.5)/7 = 0.0668 each, 8 above (offset-0.5)/8 = 0.0585 (float32
+    # levels and normalization make them equal to ~1e-6 relative, not exactly)
     np.testing.assert_allclose(masses[:7], (NF4_OFFSET - 0.5) / 7, rtol=1e-5)
     np.testing.assert_allclose(masses[7:], (NF4_OFFSET - 0.5) / 8, rtol=1e-5)
+    assert masses[:7].min() > 1.1 * masses[7:].max()
+    # the rounding bins (midpoint to midpoint) do NOT hold equal mass
+    from scipy.stats import norm
+    edges = np.concatenate([[-np.inf], midpoint_thresholds(d["levels"]), [np.inf]]) * scale
+    bins = np.diff(norm.cdf(edges))
+    assert bins.max() > 1.2 * bins.min()
+    ex = widgets.codebook_explorer()
+    legend = [t.name for t in ex.fig.data if t.name]
+    assert "normal mass between levels: 0.0585 above 0, 0.0668 below" in legend
+    assert "rounding boundaries (midpoints)" in legend
+
+
+def test_codebook_slider_moves_in_visible_steps_and_keeps_the_bnb_offset_on_its_grid():
+    ex = widgets.codebook_explorer()
+    s = ex.offset
+    assert s.step >= 0.001                                   # not 1e-7: a key press must show
+    k = round((NF4_OFFSET - s.min) / s.step)
+    assert abs(s.min + k * s.step - NF4_OFFSET) < 1e-9      # the bnb offset is a grid point
+    before = ex.levels.copy()
+    s.value = round(s.value - s.step, 10)                    # one step to the left
+    moved = np.abs(ex.levels - before).max()
+    assert moved > 0.01, moved                               # one step moves a level visibly
+    s.value = s.min + k * s.step                             # back on the grid point
+    assert_bytes_equal(ref.nf4_codebook(), ex.levels)
 
 
 # ---- block inspector ---------------------------------------------------------------------
@@ -165,6 +193,9 @@ def test_error_histograms_on_minilm_nf4_wins_and_error_grows_with_blocksize(mini
     assert all(len(v) == len(BLOCKSIZES) for v in sweep.values())
     assert all(a < b for a, b in zip(sweep["nf4"], sweep["nf4"][1:]))
     assert [len(t.x) for t in eh.sweep_fig.data] == [len(BLOCKSIZES)] * 3
+    nf4 = eh.sweep_fig.data[0]                                # SQNR vs stored bits, per blocksize
+    assert list(nf4.text) == [str(b) for b in BLOCKSIZES] and round(nf4.x[1], 3) == 4.127
+    assert all(a > b for a, b in zip(nf4.x, nf4.x[1:])) and all(a > b for a, b in zip(nf4.y, nf4.y[1:]))
     assert_synced(eh.sweep_fig)
     from q4lab.widgets.error_histograms import layer_errors
 
@@ -187,40 +218,89 @@ def test_error_histograms_accept_a_model():
 @pytest.mark.parametrize("shape", [(4096, 4096), (384, 1536), (7, 131), (1, 1)])
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_tensor_bytes_equals_storage_bytes_of_a_real_quantized_tensor(shape, blocksize,
-                                                                       double_quant):
+def test_linear_bytes_are_storage_bytes_of_real_quantized_tensors(shape, blocksize, double_quant):
+    """The calculator counts each linear layer with state.storage_bytes_for; that equals the bytes
+    of a real quantized tensor of that shape."""
     w = torch.randn(shape)
     _, state = q4lab.quantize_4bit(w, blocksize, "nf4", double_quant, backend="reference")
-    assert widgets.tensor_bytes(w.numel(), blocksize, double_quant) == q4lab.storage_bytes(state)
+    assert storage_bytes_for(w.numel(), blocksize, double_quant) == q4lab.storage_bytes(state)
 
 
-def test_memory_calculator_bits_per_param_from_bytes():
-    w = torch.randn(4096, 4096)
-    for dq, bits in ((False, 4.5), (True, 4.127)):
-        _, state = q4lab.quantize_4bit(w, 64, "nf4", dq, backend="reference")
-        assert round(q4lab.bits_per_param(state), 3) == bits
-        mc = widgets.memory_calculator("custom", 64, dq)
-        mc.custom.value = 4096 * 4096 / 1e9
-        assert mc.result["bits_per_param"] == q4lab.bits_per_param(state)
-        assert round(mc.result["bits_per_param"], 3) == bits
+def test_memory_calculator_architecture_is_the_real_smollm2():
+    """The SmolLM2 preset has the real model's shapes and parameter count, and the calculator's
+    4-bit linear bytes equal what quantizing those layers really stores."""
+    models = pytest.importorskip("q4lab.models")
+    if models.available()["smollm2"] is not True:
+        pytest.skip(models.available()["smollm2"])
+    from q4lab.widgets.memory_calculator import ARCHITECTURES, linear_bytes
+
+    model, _ = models.load_smollm2()
+    arch = ARCHITECTURES["SmolLM2-135M"]
+    assert sum(arch.counts().values()) == sum(p.numel() for p in model.parameters())
+    real = {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n != "lm_head"}
+    kinds = arch.linear_shapes()
+    assert all(real[n] == kinds[n.rsplit(".", 1)[-1]] for n in real) and len(real) == 30 * 7
+    for dq in (True, False):
+        want = {}
+        for shape in real.values():
+            for k, v in storage_bytes_for(shape[0] * shape[1], 64, dq).items():
+                want[k] = want.get(k, 0) + v
+        got = {k: v for k, v in linear_bytes(arch, 64, dq).items() if v}
+        assert got == want
+
+
+def test_memory_calculator_counts_the_whole_model():
+    r = widgets.model_memory("LLaMA-7B", 64, True, context=4096, batch=2, runtime_gb=1.5)
+    c = r["params"]
+    assert 6.7e9 < sum(c.values()) < 6.8e9                       # LLaMA-7B: 6.74 B parameters
+    assert r["q4"]["embed"] == r["q4"]["lm_head"] == 2 * 32000 * 4096   # 16-bit, untied
+    assert r["q4"]["kv"] == 2 * 32 * 4096 * 4096 * 2 * 2        # K and V, layers, hidden, tokens, batch, 2 B
+    assert r["q4"]["runtime"] == 1.5e9
+    assert r["q4_gb"] * 1e9 == sum(r["q4"].values()) and r["fp16"]["linear"] == 2 * c["linear"]
+    tied = widgets.model_memory("SmolLM2-135M")
+    assert tied["q4"]["lm_head"] == 0 and tied["params"]["lm_head"] == 0
+    gqa = widgets.model_memory("Llama-2-70B")["q4"]["kv"]
+    assert gqa == widgets.model_memory("LLaMA-65B")["q4"]["kv"] // 8   # 8 KV heads instead of 64
+    with pytest.raises(ValueError, match="context"):
+        widgets.model_memory("LLaMA-7B", context=-1)
+    with pytest.raises(ValueError, match="blocksize"):
+        storage_bytes_for(100, 48)
+
+
+def test_memory_calculator_bits_bar_shows_4_5_beside_4_127_with_every_part():
+    mc = widgets.memory_calculator()
+    assert mc.bits["plain"] == 4.5 and round(mc.bits["dq"], 3) == 4.127
+    bars = {t.name: t for t in mc.fig.data}
+    assert list(bars) == ["4-bit codes", "absmax", "nested absmax", "offset"]
+    assert all(list(t.y) == ["NF4", "NF4 + double quant"] for t in bars.values())
+    assert list(bars["absmax"].x) == [0.5, 0.125] and bars["nested absmax"].x[0] == 0
+    assert all(t.textangle == 0 for t in bars.values())              # readable, not rotated
+    notes = " ".join(a.text for a in mc.fig.layout.annotations)
+    assert "4.500" in notes and "4.127" in notes and "nested absmax" in notes and "offset" in notes
+    assert "saving 0.373" in notes
+    mc.blocksize.value = 32
+    assert mc.bits["plain"] == 5.0 and "blocksize 32" in mc.fig.layout.title.text
+    assert_synced(mc.fig)
 
 
 def test_memory_calculator_65b_fits_48gb_but_not_24gb():
     mc = widgets.memory_calculator()
-    assert mc.model.value == "65B" and mc.result["fits"] and 33 < mc.result["gb"] < 34
-    assert "fit a 48 GB" in mc.gb_fig.layout.title.text
+    assert mc.model.value == "LLaMA-65B" and mc.result["fits"] and 40 < mc.result["q4_gb"] < 48
+    assert "fits a 48 GB" in mc.gb_fig.layout.title.text
     mc.gpu.value = 24
-    assert not mc.result["fits"] and "do NOT fit" in mc.gb_fig.layout.title.text
+    assert not mc.result["fits"] and "does NOT fit" in mc.gb_fig.layout.title.text
+    mc.gpu.value = 48
+    mc.context.value = 32768                                     # the KV cache no longer fits
+    assert not mc.result["fits"] and mc.result["q4"]["kv"] > 40e9
     mc.double_quant.value = False
     assert mc.result["bits_per_param"] == pytest.approx(4.5, abs=1e-9)
-    assert [t.name for t in mc.fig.data] == ["4-bit codes", "absmax", "nested absmax", "offset"]
+    names = [t.name for t in mc.gb_fig.data]
+    assert names[0] == "linear layers" and "KV cache (16-bit)" in names
     assert_synced(mc.fig)
     assert_synced(mc.gb_fig)
-    mc.model.value = "custom"
-    mc.custom.value = -3
-    assert "must be positive" in mc.readout.value
-    with pytest.raises(ValueError, match="blocksize"):
-        widgets.tensor_bytes(100, 48)
+    mc.context.value = -3
+    assert "context" in mc.readout.value
 
 
 # ---- model dashboard ---------------------------------------------------------------------
@@ -248,7 +328,14 @@ def test_model_dashboard_heatmap_on_minilm(minilm):
     md = widgets.model_dashboard(minilm)
     heat = md.fig.data[0]
     assert list(heat.y) == ["other"] + [f"block {i}" for i in range(6)]
-    assert len(heat.x) == 7 and "encoder.layer.*.intermediate.dense" in heat.x
+    # the shared prefix is said once, in the axis title; labels are short and horizontal
+    assert len(heat.x) == 7 and "intermediate.dense" in heat.x and "pooler.dense" in heat.x
+    assert not any(x.startswith("encoder.layer.*.") for x in heat.x)
+    assert "encoder.layer.*." in md.fig.layout.xaxis.title.text and md.fig.layout.xaxis.tickangle == 0
+    # the colour scale says how small the spread is
+    sq = [r["sqnr_db"] for r in md.rows]
+    spread = f"{max(sq) - min(sq):.2f} dB"
+    assert f"spread {spread}" in md.fig.layout.title.text and spread in heat.colorbar.title.text
     assert len(md.rows) == 37
     md.metric.value = "bytes"
     assert "bytes" in md.fig.layout.title.text
@@ -280,7 +367,116 @@ def test_compute_dtype_explorer_on_minilm(minilm):
         assert_synced(cd.fig)
     quant = np.sqrt(np.mean(cd.errors["quant"] ** 2))
     assert 0 < rms["float16"] < rms["bfloat16"] < quant / 10
+    # the log count axis is labelled 1, 10, 100, ... (no "5, 2, 1000, 5, 2" minor labels)
+    ax = cd.fig.layout.yaxis
+    assert ax.type == "log" and list(ax.ticktext) == [f"{v:g}" for v in ax.tickvals]
+    assert all(np.log10(v) == round(np.log10(v)) for v in ax.tickvals)
     with pytest.raises(ValueError, match="compute dtype"):
         from q4lab.widgets.compute_dtype import output_errors
 
         output_errors(minilm[name], "float64")
+
+
+def test_dtype_table_and_timings_are_validated_measurements():
+    from q4lab.widgets.compute_dtype import dtype_table, speed_figure, time_matmuls
+
+    t = {r["dtype"]: r for r in dtype_table()}
+    assert t["float16"]["max"] == 65504 and t["bfloat16"]["max"] > 3.3e38
+    assert t["bfloat16"]["smallest_normal"] == t["float32"]["smallest_normal"]
+    assert [t[d]["eps"] for d in ("float32", "float16", "bfloat16")] == [2.0 ** -23, 2.0 ** -10,
+                                                                         2.0 ** -7]
+    times = time_matmuls(64, 128, 64, min_run_time=0.01)
+    assert set(times) == {"float32", "float16", "bfloat16"}
+    assert times["float32"]["rel_err"] < times["float16"]["rel_err"] < times["bfloat16"]["rel_err"]
+    fig = speed_figure(times, "t")
+    assert list(fig.data[0].x) == list(times)
+    assert_synced(fig)
+
+
+# ---- log axes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("lo,hi", [(0.04, 3.2), (1, 3000), (0.3, 0.9), (2, 2), (1e-3, 1e3)])
+def test_log_ticks_are_readable(lo, hi):
+    ax = widgets.log_ticks(lo, hi)
+    vals, text = ax["tickvals"], ax["ticktext"]
+    assert ax["type"] == "log" and vals == sorted(vals) and len(vals) >= 1
+    assert all(lo / 1.001 <= v <= hi * 1.001 for v in vals) or len(vals) == 1
+    for v, label in zip(vals, text):        # every label is the whole value, never a bare digit
+        assert float(label.replace("k", "e3").replace("M", "e6")) == pytest.approx(v)
+    with pytest.raises(ValueError, match="log axis"):
+        widgets.log_ticks(0, 1)
+
+
+# ---- hints -------------------------------------------------------------------------------
+def test_every_widget_says_what_to_try_and_what_to_look_for(rng_weights):
+    import ipywidgets as W
+
+    built = [widgets.codebook_explorer(), widgets.block_inspector(rng_weights["odd"]),
+             widgets.error_histograms(rng_weights), widgets.memory_calculator(),
+             widgets.model_dashboard(rng_weights), widgets.compute_dtype_explorer(rng_weights),
+             widgets.normal_premise(rng_weights)]
+    for w in built:
+        box = w.widget.children
+        figs = [i for i, c in enumerate(box) if hasattr(c, "_widget_data")]
+        hints = [i for i, c in enumerate(box) if isinstance(c, W.HTML)
+                 and "Try this" in c.value and "Look for" in c.value]
+        assert len(hints) == 1 and hints[0] > max(figs), type(w).__name__   # one line, under the figures
+
+
+# ---- normal premise and code usage ---------------------------------------------------------
+def test_code_usage_counts_the_reference_codes_and_is_not_uniform_on_normal_data():
+    x = np.random.default_rng(1).standard_normal(1 << 20).astype(np.float32)
+    use = widgets.code_usage(x, 64)
+    packed, _ = ref.quantize_4bit(x, 64, "nf4", False)
+    from q4lab.reference.blockwise import unpack_nibbles
+    assert np.array_equal(use * x.size, np.bincount(unpack_nibbles(packed, x.size), minlength=16))
+    assert 0.015 < use.min() < 0.02 and 0.09 < use.max() < 0.095
+    assert 3.87 < widgets.entropy_bits(use) < 3.90 and widgets.entropy_bits(np.ones(16)) == 4.0
+    from q4lab.widgets.normal_premise import absmax_over_sigma, design_scale, scaled_by_block
+    assert 2.4 < absmax_over_sigma(x, 64) < 2.7 and abs(design_scale() - 1.8481308) < 1e-6
+    xn = scaled_by_block(x[:640], 64)
+    # each block's own maximum lands at ±1 (x * RN(1/absmax): within one float32 ulp of 1)
+    assert np.sum(np.abs(xn) >= np.float32(1) - np.float32(2 ** -23)) == 10 and np.abs(xn).max() <= 1
+
+
+def test_normal_premise_widget_on_minilm(minilm):
+    name = "encoder.layer.0.output.dense"
+    npw = widgets.normal_premise({name: minilm[name]})
+    assert_bytes_equal(npw.usage["data"], widgets.code_usage(minilm[name], 64))
+    assert "median absmax" in npw.fig.layout.title.text
+    assert [t.name for t in npw.usage_fig.data] == [name, "N(0, 1) data"]
+    npw.blocksize.value = 4096
+    assert npw.ratio["normal"] > 3.5 and "blocksize 4096" in npw.fig.layout.title.text
+    npw.layer.value = npw.layer.options[-1]                   # the N(0, 1) sample itself
+    assert "N(0, 1)" in npw.layer.value
+    assert np.abs(npw.usage["data"] - npw.usage["normal"]).max() < 0.003   # two normal samples agree
+    assert_synced(npw.fig)
+    assert_synced(npw.usage_fig)
+
+
+# ---- blockwise trade-off ---------------------------------------------------------------------
+def test_one_scale_per_tensor_is_the_reference_with_one_block():
+    from q4lab.widgets.blockwise_tradeoff import per_tensor_roundtrip
+
+    x = np.random.default_rng(3).standard_normal(4096).astype(np.float32)
+    packed, state = ref.quantize_4bit(x, 4096, "nf4", False)
+    assert_bytes_equal(ref.dequantize_4bit(packed, state), per_tensor_roundtrip(x))
+
+
+def test_outliers_and_tradeoff_on_minilm(minilm):
+    bt = widgets.blockwise_tradeoff
+    few = {k: minilm[k] for k in list(minilm)[:6]}
+    rows = bt.outlier_rows(few)
+    assert all(r["blockwise_db"] > r["per_tensor_db"] for r in rows)
+    worst = min(rows, key=lambda r: r["per_tensor_db"])
+    assert worst["name"] == "encoder.layer.0.output.dense" and worst["per_tensor_db"] < 1.0
+    fig = bt.outlier_figure(rows)
+    assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.ticktext)
+    assert_synced(fig)
+    trade = bt.tradeoff_rows({k: few[k] for k in list(few)[:2]}, blocksizes=(32, 64, 4096))
+    summary = bt.tradeoff_summary(trade)
+    assert summary[False][64]["bits"] == 4.5 and round(summary[True][64]["bits"], 3) == 4.127
+    assert summary[True][32]["median"] > summary[True][64]["median"] > summary[True][4096]["median"]
+    tf = bt.tradeoff_figure(trade)
+    assert [t.name for t in tf.data] == ["NF4 (float32 absmax)", "NF4 + double quant"]
+    assert list(tf.data[1].text) == ["32", "64", "4096"]
+    assert_synced(tf)

@@ -6,7 +6,8 @@ browser only on full assignment; edits made after display travel as restyle/rela
 lost when the page reloads or the saved widget state is rendered: plotly.py issues 4998 and 4823).
 :func:`resync` therefore ends every update by re-assigning the full data and layout, exactly as
 ``BaseFigureWidget._repr_mimebundle_`` does, so the model state always holds the current figure.
-All quantization goes through :mod:`q4lab.reference` (the specification); nothing is re-implemented.
+All quantization goes through :mod:`q4lab.reference` (the specification) and every error through
+:func:`q4lab.metrics.error_stats` (one SQNR rule); nothing is re-implemented.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from copy import deepcopy
 import numpy as np
 
 from .. import reference as ref
+from ..constants import QUANT_TYPES  # noqa: F401  (re-exported to the widgets)
 
 F32 = np.float32
-QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
 def new_figure(**layout):
@@ -45,14 +46,46 @@ def updating(fig):
 
 
 def redraw(fig, traces, title: str, **layout) -> None:
-    """Replace all of ``fig``'s traces, set its title (and any other layout properties given), in
-    one batched update that ends with :func:`resync`: the one way widgets change a figure."""
+    """Replace all of ``fig``'s traces, set its title and merge any other layout properties given
+    (``fig.update_layout``: ``yaxis=log_ticks(...)`` keeps the axis title), in one batched update
+    that ends with :func:`resync`: the one way widgets and notebooks change a figure."""
     with updating(fig):
         fig.data = []
         fig.add_traces(list(traces))
-        for key, value in layout.items():
-            fig.layout[key] = value
+        if layout:
+            fig.update_layout(**layout)
         fig.layout.title.text = title
+
+
+def hint(text: str):
+    """The one-line "Try this / Look for" caption every widget shows under its figure."""
+    import ipywidgets as W
+
+    return W.HTML(f"<p style='margin:2px 0 8px 0;color:#333'>{text}</p>")
+
+
+def log_ticks(lo: float, hi: float) -> dict:
+    """Axis properties for a log axis spanning [lo, hi] with readable labels: ticks at 1, 2 and 5
+    times each power of ten, each written out in full ("0.05", "0.1", "20", "1k"), instead of
+    plotly's default minor labels ("5, 2, 1000, 5, 2, 100", which read as nonsense). Spans over
+    more than three decades get only the powers of ten."""
+    lo, hi = float(lo), float(hi)
+    if not (lo > 0 and hi >= lo and np.isfinite(hi)):
+        raise ValueError(f"a log axis needs 0 < lo <= hi < inf, got lo={lo}, hi={hi}")
+    first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
+    mults = (1,) if last - first > 3 else (1, 2, 5)
+    vals = [m * 10.0 ** e for e in range(first, last + 1) for m in mults]
+    vals = [v for v in vals if lo / 1.0001 <= v <= hi * 1.0001] or [10.0 ** first]
+    return dict(type="log", tickvals=vals, ticktext=[_tick_text(v) for v in vals],
+                range=[np.log10(lo) - 0.05, np.log10(hi) + 0.05])
+
+
+def _tick_text(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:g}M"
+    if v >= 1e4:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
 
 
 def to_numpy_f32(w, name: str = "weight") -> np.ndarray:
@@ -102,14 +135,6 @@ def roundtrip(x: np.ndarray, quant_type: str, blocksize: int, double_quant: bool
     """Quantize and dequantize with the reference: returns (x_hat float32, packed, state)."""
     packed, state = ref.quantize_4bit(x, blocksize, quant_type, double_quant)
     return ref.dequantize_4bit(packed, state, "float32"), packed, state
-
-
-def error_stats(x: np.ndarray, x_hat: np.ndarray) -> dict:
-    """MSE, max |error| and SQNR in dB = 10 log10(sum x^2 / sum (x - x_hat)^2), in float64."""
-    x64, e64 = np.asarray(x, np.float64), np.asarray(x_hat, np.float64) - np.asarray(x, np.float64)
-    signal, noise = float(np.sum(x64 * x64)), float(np.sum(e64 * e64))
-    sqnr = float("inf") if noise == 0 else float(10.0 * np.log10(signal / noise)) if signal else 0.0
-    return {"mse": noise / x64.size, "max_abs_err": float(np.max(np.abs(e64))), "sqnr_db": sqnr}
 
 
 def html_table(rows, header=None, caption: str = "") -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import reference as ref
+from ..constants import BLOCKSIZES, NESTED_BLOCKSIZE
 from ..reference import blockwise as bw
-from ._common import (F32, QUANT_TYPES, WidgetBase, f32_hex, html_table, linear_weights,
+from ._common import (F32, QUANT_TYPES, WidgetBase, f32_hex, hint, html_table, linear_weights,
                       new_figure, redraw)
 
 SHOW_ROWS = 16
@@ -49,7 +50,7 @@ def inspect_block(x: np.ndarray, block: int, blocksize: int = 64, quant_type: st
             "absmax_used": ref.state_absmax(state)[block],
             "absmax_code": state.absmax[block] if state.nested else None,
             "offset": state.offset_value if state.nested else None,
-            "absmax2": state.state2.absmax[block // 256] if state.nested else None,
+            "absmax2": state.state2.absmax[block // NESTED_BLOCKSIZE] if state.nested else None,
             "scaled": scaled, "codes": bw.unpack_nibbles(block_bytes, hi - lo),
             "packed": block_bytes, "table": ref.codebook(quant_type),
             "dequantized": x_hat.reshape(-1)[lo:hi], "state": state}
@@ -79,7 +80,7 @@ class BlockInspector(WidgetBase):
         names = list(self.weights)
         self.layer = W.Dropdown(options=names, value=names[0], description="layer")
         self.quant_type = W.ToggleButtons(options=QUANT_TYPES, value=quant_type, description="type")
-        self.blocksize = W.Dropdown(options=bw.BLOCKSIZES, value=blocksize, description="blocksize")
+        self.blocksize = W.Dropdown(options=BLOCKSIZES, value=blocksize, description="blocksize")
         self.double_quant = W.Checkbox(value=double_quant, description="double quant")
         self.block = W.IntSlider(value=0, min=0, max=0, description="block",
                                  continuous_update=False)
@@ -87,9 +88,13 @@ class BlockInspector(WidgetBase):
         self.fig = new_figure(xaxis_title="element in block", yaxis_title="value", height=360)
         for w in (self.layer, self.quant_type, self.blocksize, self.double_quant, self.block):
             w.observe(lambda _c: self.update(), names="value")
-        self.widget = W.VBox([W.HBox([self.layer, self.blocksize]),
-                              W.HBox([self.quant_type, self.double_quant]), self.block,
-                              self.fig, self.text])
+        self.widget = W.VBox([
+            W.HBox([self.layer, self.blocksize]), W.HBox([self.quant_type, self.double_quant]),
+            self.block, self.fig,
+            hint("<b>Try this:</b> switch the type between nf4, fp4 and int4, then step the block "
+                 "slider. <b>Look for:</b> every dequantized × sits on a grey line (level × absmax); "
+                 "the block's largest |value| lands on the outermost line, ±1 × absmax."),
+            self.text])
         self.update()
 
     def update(self) -> None:
@@ -130,7 +135,7 @@ class BlockInspector(WidgetBase):
         if i["absmax_code"] is not None:
             steps += [("offset (exact mean of all absmax)", f"{i['offset']:.8e}",
                        f"0x{f32_hex(i['offset'])}"),
-                      ("absmax2 of this group of 256 blocks", f"{i['absmax2']:.8e}",
+                      (f"absmax2 of this group of {NESTED_BLOCKSIZE} blocks", f"{i['absmax2']:.8e}",
                        f"0x{f32_hex(i['absmax2'])}"),
                       ("8-bit absmax code", f"{int(i['absmax_code'])}",
                        f"0x{int(i['absmax_code']):02x}"),

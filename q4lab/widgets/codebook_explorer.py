@@ -1,5 +1,7 @@
-"""``codebook_explorer()``: NF4, FP4 and uniform INT4 levels over the normal density, with NF4's
-equal-probability bins shaded and its derivation from the normal quantiles shown step by step.
+"""``codebook_explorer()``: NF4, FP4 and uniform INT4 levels over the normal density, the normal
+mass between neighbouring NF4 levels shaded (equal on each side of zero: (offset - 1/2)/8 above,
+(offset - 1/2)/7 below), the rounding boundaries (midpoints between levels) marked, and NF4's
+derivation from the normal quantiles shown step by step.
 
 Source: QLoRA (arXiv 2305.14314) §3 "4-bit NormalFloat Quantization"; the recipe is bitsandbytes
 ``functional.py::create_normal_map(offset=0.9677083, use_extra_value=True)`` as written down in
@@ -13,10 +15,13 @@ import numpy as np
 from scipy.stats import norm
 
 from .. import reference as ref
-from ..reference.codebooks import NF4_OFFSET, nf4_derivation
-from ._common import WidgetBase, html_table, new_figure, redraw
+from ..reference.codebooks import NF4_OFFSET, midpoint_thresholds, nf4_derivation
+from ._common import WidgetBase, hint, html_table, new_figure, redraw
 
-OFFSET_RANGE = (0.90, 0.995)
+#: Slider step: one arrow-key press moves the outer levels by a visible few percent. The range is
+#: laid out so that bitsandbytes' offset is a point of the slider's grid (13 steps above the min).
+OFFSET_STEP = 0.005
+OFFSET_RANGE = (NF4_OFFSET - 13 * OFFSET_STEP, NF4_OFFSET + 5 * OFFSET_STEP)
 
 
 def density_curve(scale: float, points: int = 401) -> tuple[np.ndarray, np.ndarray]:
@@ -27,8 +32,10 @@ def density_curve(scale: float, points: int = 401) -> tuple[np.ndarray, np.ndarr
 
 
 def bin_shapes(levels: np.ndarray, scale: float) -> list[tuple[float, float, float]]:
-    """(left, right, probability mass) between neighbouring NF4 levels: equal on each side,
-    (offset - 0.5)/8 above 0 and (offset - 0.5)/7 below (the quantile steps)."""
+    """(left, right, probability mass) of the GAP between each pair of neighbouring NF4 levels
+    (not a rounding bin: rounding sends a weight to the nearest level, so a code's bin runs from
+    midpoint to midpoint). The masses are the quantile steps, equal on each side of zero but not
+    across it: (offset - 0.5)/8 = 0.0585 above 0 and (offset - 0.5)/7 = 0.0668 below."""
     edges = np.asarray(levels, dtype=np.float64)
     cdf = norm.cdf(edges * scale)
     return [(edges[i], edges[i + 1], cdf[i + 1] - cdf[i]) for i in range(edges.size - 1)]
@@ -42,7 +49,8 @@ class CodebookExplorer(WidgetBase):
         import ipywidgets as W
 
         self.offset = W.FloatSlider(value=offset, min=OFFSET_RANGE[0], max=OFFSET_RANGE[1],
-                                    step=1e-7, readout_format=".7f", description="NF4 offset",
+                                    step=OFFSET_STEP, readout_format=".7f",
+                                    description="NF4 offset",
                                     continuous_update=False, layout=W.Layout(width="480px"),
                                     style={"description_width": "90px"})
         self.show_fp4 = W.Checkbox(value=True, description="FP4 levels")
@@ -55,8 +63,13 @@ class CodebookExplorer(WidgetBase):
         for w in (self.offset, self.show_fp4, self.show_int4):
             w.observe(lambda _change: self.update(), names="value")
         self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))
-        self.widget = W.VBox([W.HBox([self.offset, self.reset]),
-                              W.HBox([self.show_fp4, self.show_int4]), self.fig, self.steps])
+        self.widget = W.VBox([
+            W.HBox([self.offset, self.reset]), W.HBox([self.show_fp4, self.show_int4]), self.fig,
+            hint("<b>Try this:</b> drag the offset slider to its left end, then press the bnb button. "
+                 "<b>Look for:</b> a smaller offset pulls the outer levels inward (more levels "
+                 "near 0); FP4 crowds its levels near 0 and leaves a wide gap near ±1, INT4 "
+                 "spaces them evenly."),
+            self.steps])
         self.update()
 
     def update(self) -> None:
@@ -75,15 +88,22 @@ class CodebookExplorer(WidgetBase):
         scale = float(d["scale"])
         x, y = density_curve(scale)
         traces = []
-        for i, (lo, hi, mass) in enumerate(bin_shapes(d["levels"], scale)):
+        gaps = bin_shapes(d["levels"], scale)
+        neg, pos = gaps[0][2], gaps[-1][2]
+        for i, (lo, hi, mass) in enumerate(gaps):
             xs = np.linspace(lo, hi, 40)
             traces.append(go.Scatter(x=xs, y=scale * norm.pdf(xs * scale), fill="tozeroy",
                                      mode="none", showlegend=i == 0, legendgroup="bins",
-                                     name="NF4 bins (equal mass per side)",
+                                     name=(f"normal mass between levels: {pos:.4f} above 0, "
+                                           f"{neg:.4f} below"),
                                      fillcolor=("rgba(31,119,180,0.25)" if i % 2 else
                                                 "rgba(31,119,180,0.10)"),
                                      hovertemplate=f"mass {mass:.5f}<extra></extra>"))
         traces.append(go.Scatter(x=x, y=y, name="N(0,1) / max level", line=dict(color="black")))
+        mids = midpoint_thresholds(d["levels"]).astype(np.float64)
+        traces.append(go.Scatter(x=np.repeat(mids, 3), y=np.tile([0.0, 0.12, None], mids.size),
+                                 mode="lines", line=dict(color="rgba(0,0,0,0.45)", dash="dot"),
+                                 name="rounding boundaries (midpoints)", hoverinfo="skip"))
         traces.append(self._levels_trace("NF4", d["levels"], 0.0, "#1f77b4"))
         if self.show_fp4.value:
             traces.append(self._levels_trace("FP4", np.sort(ref.fp4_codebook()), -0.03, "#d62728"))
@@ -115,7 +135,12 @@ class CodebookExplorer(WidgetBase):
                            "Steps 1-2: 8 levels linspace(offset, 0.5, 9)[:-1] above zero, "
                            "7 levels linspace(offset, 0.5, 8)[:-1] below")
         levels = ", ".join(f"{v:+.7f}" for v in d["levels"])
-        return (steps + f"<p><b>3.</b> add an exact 0, sort, divide by the largest "
+        why = ("<p><b>Why an offset at all?</b> The outermost level cannot sit at probability 1: "
+               "norm.ppf(1) = +inf (and norm.ppf(0) = -inf). bitsandbytes stops at "
+               "p = 0.9677083, which equals &frac12;((1 - 1/30) + (1 - 1/32)) = 0.96770833 to the "
+               "7 digits it gives: the mean of the last bin centre of 15 and of 16 equal-mass bins "
+               "(an observation; bitsandbytes does not document the number).</p>")
+        return (why + steps + f"<p><b>3.</b> add an exact 0, sort, divide by the largest "
                 f"z = {float(d['scale']):.7f} (float32):</p><p style='font-family:monospace'>"
                 f"[{levels}]</p>")
 

@@ -1,137 +1,265 @@
-"""``memory_calculator()``: bits per parameter and GB for 7B-70B models in 4-bit, broken down into
-codes, absmax, nested absmax and offset, and whether the weights fit a chosen GPU.
+"""``memory_calculator()``: what a whole model needs on a GPU when its linear layers are 4-bit:
+the quantized linear layers (codes, absmax, nested absmax, offset), the embeddings, lm_head and
+norms that stay 16-bit, the KV cache of a chosen context, and a runtime allowance; and the bits per
+parameter of the quantized layers, plain NF4 (4.5) beside NF4 + double quantization (4.127).
 
-Source: QLoRA (arXiv 2305.14314) §3 "Double Quantization": 32/64 = 0.5 bits/param of absmax at
-blocksize 64, 8/64 + 32/(64·256) = 0.127 with double quantization (a 0.373-bit saving); the byte
-layout is q4lab.state.storage_bytes / bitsandbytes ``QuantState``. :func:`tensor_bytes` counts the
-same parts as ``storage_bytes`` (tested against real quantized tensors) without allocating anything,
-so it works for a 70B-parameter tensor.
+Sources: QLoRA (arXiv 2305.14314) §3 "Double Quantization": 32/64 = 0.5 bits/param of absmax at
+blocksize 64, 8/64 + 32/(64·256) = 0.127 with double quantization (a 0.373-bit saving). What stays
+16-bit is what transformers' bitsandbytes integration leaves alone: every ``nn.Linear`` inside the
+transformer blocks becomes 4-bit, ``lm_head`` is skipped (``get_keys_to_not_convert``), embeddings
+and norms are not ``nn.Linear``. Bytes per quantized tensor: ``q4lab.state.storage_bytes_for``
+(docs/format.md §11), each linear layer its own tensor. Shapes are the published configs (``config.json``) of each model; the KV cache
+is 2 (K and V) × layers × kv_heads × head_dim × tokens × 2 bytes (fp16/bf16), as in the Llama
+attention of transformers. The runtime allowance (CUDA context, allocator slack, activations of
+one forward pass) is an estimate the user sets, not a measurement.
 """
 from __future__ import annotations
 
-from ..reference.blockwise import BLOCKSIZES
-from ._common import WidgetBase, html_table, new_figure, redraw
+from dataclasses import dataclass
 
-#: Nominal parameter counts (the number in the model's name).
-MODEL_SIZES = {"7B": 7e9, "13B": 13e9, "33B": 33e9, "65B": 65e9, "70B": 70e9}
-GPUS = {"24 GB (RTX 4090)": 24, "48 GB (A6000)": 48, "80 GB (A100/H100)": 80}
+import numpy as np
+
+from ..constants import BLOCKSIZES, DTYPE_BYTES
+from ..state import storage_bytes_for
+from ._common import WidgetBase, hint, html_table, new_figure, redraw
+
+GB = 1e9
 PARTS = ("packed", "absmax", "nested_absmax", "offset")
 LABELS = {"packed": "4-bit codes", "absmax": "absmax", "nested_absmax": "nested absmax",
           "offset": "offset"}
-GB = 1e9
+COLORS = {"packed": "#1f77b4", "absmax": "#ff7f0e", "nested_absmax": "#2ca02c",
+          "offset": "#d62728", "embed": "#9467bd", "lm_head": "#8c564b", "norms": "#e377c2",
+          "kv": "#7f7f7f", "runtime": "#bcbd22", "linear16": "#17becf"}
+GPUS = {"24 GB (RTX 4090)": 24, "48 GB (A6000, L40S)": 48, "80 GB (A100, H100)": 80,
+        "141 GB (H200)": 141}
 
 
-def tensor_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> dict:
-    """Bytes q4lab stores for ONE quantized tensor of ``numel`` values, by part (the keys of
-    ``q4lab.storage_bytes``): packed ceil(n/2); absmax 4 B/block, or 1 B/block when nested;
-    nested absmax 4 B per 256 blocks; offset 4 B."""
-    numel = int(numel)
-    if numel <= 0:
-        raise ValueError(f"numel={numel}: a tensor needs at least one value")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize={blocksize} is not one of {BLOCKSIZES}")
-    nblocks = -(-numel // blocksize)
-    parts = {"packed": -(-numel // 2), "absmax": (1 if double_quant else 4) * nblocks}
-    if double_quant:
-        parts["nested_absmax"] = 4 * -(-nblocks // 256)
-        parts["offset"] = 4
-    return parts
+@dataclass(frozen=True)
+class Arch:
+    """A decoder-only transformer's shapes (Llama layout: q, k, v, o, gate, up, down per block)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def linear_shapes(self) -> dict:
+        """{kind: (out, in)} of the seven linear layers of one block (what 4-bit replaces)."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def counts(self) -> dict:
+        """Parameters by part: linear (inside blocks), embed, lm_head (0 if tied), norms."""
+        linear = self.layers * sum(a * b for a, b in self.linear_shapes().values())
+        embed = self.vocab * self.hidden
+        return {"linear": linear, "embed": embed, "lm_head": 0 if self.tied else embed,
+                "norms": (2 * self.layers + 1) * self.hidden}
 
 
-def model_memory(n_params: float, blocksize: int = 64, double_quant: bool = True,
+#: Published configs: LLaMA (Touvron et al. 2023, Table 2, and the HF config.json files),
+#: Llama-2-70B (grouped-query attention, 8 KV heads), Llama-3.1-8B (128k vocabulary),
+#: SmolLM2-135M (the model of notebooks 06-07; its real parameter count is tested).
+ARCHITECTURES = {
+    "SmolLM2-135M": Arch(576, 1536, 30, 9, 3, 49152, tied=True),
+    "LLaMA-7B": Arch(4096, 11008, 32, 32, 32, 32000),
+    "Llama-3.1-8B": Arch(4096, 14336, 32, 32, 8, 128256),
+    "LLaMA-13B": Arch(5120, 13824, 40, 40, 40, 32000),
+    "LLaMA-33B": Arch(6656, 17920, 60, 52, 52, 32000),
+    "LLaMA-65B": Arch(8192, 22016, 80, 64, 64, 32000),
+    "Llama-2-70B": Arch(8192, 28672, 80, 64, 8, 32000),
+}
+
+
+def linear_bytes(arch: Arch, blocksize: int = 64, double_quant: bool = True) -> dict:
+    """Bytes of all quantized linear layers of ``arch`` by part (each layer its own tensor)."""
+    total = dict.fromkeys(PARTS, 0)
+    for out_f, in_f in arch.linear_shapes().values():
+        for k, v in storage_bytes_for(out_f * in_f, blocksize, double_quant).items():
+            total[k] += arch.layers * v
+    return total
+
+
+def model_memory(arch: Arch | str, blocksize: int = 64, double_quant: bool = True,
+                 context: int = 2048, batch: int = 1, runtime_gb: float = 1.0,
                  gpu_gb: float | None = None) -> dict:
-    """Bytes, bits/param and GB for a model's weights stored as one 4-bit tensor per model (the
-    per-tensor offset of 4 bytes is the only thing that depends on how the parameters are split).
-    Returns {"bytes": parts, "bits": bits/param per part, "bits_per_param", "gb", "fp16_gb",
-    "fits"} (``fits`` only with ``gpu_gb``; weights only, no activations or KV cache)."""
-    n = int(round(n_params))
-    parts = tensor_bytes(n, blocksize, double_quant)
-    total = sum(parts.values())
-    out = {"bytes": parts, "bits": {k: 8.0 * v / n for k, v in parts.items()},
-           "bits_per_param": 8.0 * total / n, "gb": total / GB, "fp16_gb": 2.0 * n / GB}
+    """Bytes of the whole model at inference, 4-bit and all-16-bit, by part.
+
+    Returns {"params": counts, "linear": bytes of the quantized linear layers by part,
+    "bits": bits per quantized parameter by part, "bits_per_param", "q4": {part: bytes},
+    "fp16": {part: bytes}, "q4_gb", "fp16_gb", "weights_gb" (4-bit weights only), "fits"
+    (only with ``gpu_gb``)}. Parts of q4/fp16: linear, embed, lm_head, norms, kv, runtime."""
+    arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
+    for name, v in (("context", context), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name}={v!r} must be an integer >= 0")
+    if not runtime_gb >= 0:
+        raise ValueError(f"runtime_gb={runtime_gb!r} must be >= 0")
+    counts = arch.counts()
+    lin = linear_bytes(arch, blocksize, double_quant)
+    b16 = DTYPE_BYTES["bfloat16"]
+    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * int(context) * int(batch) * b16
+    rest = {"embed": b16 * counts["embed"], "lm_head": b16 * counts["lm_head"],
+            "norms": b16 * counts["norms"], "kv": kv, "runtime": int(runtime_gb * GB)}
+    q4 = {"linear": sum(lin.values()), **rest}
+    fp16 = {"linear": b16 * counts["linear"], **rest}
+    out = {"params": counts, "linear": lin,
+           "bits": {k: 8.0 * v / counts["linear"] for k, v in lin.items()},
+           "bits_per_param": 8.0 * sum(lin.values()) / counts["linear"],
+           "q4": q4, "fp16": fp16, "q4_gb": sum(q4.values()) / GB,
+           "fp16_gb": sum(fp16.values()) / GB,
+           "weights_gb": (q4["linear"] + rest["embed"] + rest["lm_head"] + rest["norms"]) / GB}
     if gpu_gb is not None:
-        out["fits"] = out["gb"] <= gpu_gb
+        out["fits"] = out["q4_gb"] <= gpu_gb
     return out
 
 
-class MemoryCalculator(WidgetBase):
-    """Drive it from Python: ``model.value`` ('7B' ... '70B' or 'custom' with ``custom.value`` in
-    billions), ``blocksize.value``, ``double_quant.value``, ``gpu.value``; read ``result``."""
+WHOLE_LABELS = {"linear": "linear layers", "embed": "embeddings (16-bit)",
+                "lm_head": "lm_head (16-bit)", "norms": "norms (16-bit)",
+                "kv": "KV cache (16-bit)", "runtime": "runtime allowance"}
 
-    def __init__(self, model: str = "65B", blocksize: int = 64, double_quant: bool = True,
-                 gpu: int = 48):
+
+def bits_bar_traces(blocksize: int, numel: int = 4096 * 4096) -> tuple[list, dict]:
+    """Stacked horizontal bars: one tensor of ``numel`` NF4 values at ``blocksize``, without and
+    with double quantization, split into codes / absmax / nested absmax / offset (bits per
+    parameter from ``storage_bytes_for``). Returns (traces, {"plain": bits, "dq": bits})."""
+    import plotly.graph_objects as go
+
+    rows = {"plain": "NF4", "dq": "NF4 + double quant"}
+    bits = {k: {p: 8.0 * v / numel
+                for p, v in storage_bytes_for(numel, blocksize, k == "dq").items()} for k in rows}
+    traces = []
+    for part in PARTS:
+        x = [bits[k].get(part, 0.0) for k in rows]
+        text = [_part_text(part, v) if v > 0.06 else "" for v in x]
+        traces.append(go.Bar(y=list(rows.values()), x=x, orientation="h", name=LABELS[part],
+                             marker_color=COLORS[part], text=text, textposition="inside",
+                             insidetextanchor="middle", textangle=0,
+                             hovertemplate="%{y}: " + LABELS[part] + " %{x:.5f} bits<extra></extra>"))
+    return traces, {k: sum(v.values()) for k, v in bits.items()}
+
+
+def _part_text(part: str, v: float) -> str:
+    return f"codes {v:g}" if part == "packed" else f"{LABELS[part]} {v:.3g}"
+
+
+def bits_bar_annotations(totals: dict, bits_dq: dict) -> list:
+    """Totals at the bar ends, and arrows naming the two parts too thin to see."""
+    nested, offset = bits_dq.get("nested_absmax", 0.0), bits_dq.get("offset", 0.0)
+    ann = [dict(x=totals[k], y=label, text=f"<b>{totals[k]:.3f}</b>", showarrow=False,
+                xanchor="left", xshift=6) for k, label in (("plain", "NF4"),
+                                                          ("dq", "NF4 + double quant"))]
+    ann.append(dict(x=totals["dq"], y="NF4 + double quant", ax=40, ay=-38,
+                    text=f"nested absmax {nested:.5f} + offset {offset:.1e} bits",
+                    showarrow=True, arrowhead=2, xanchor="left", font=dict(size=11)))
+    ann.append(dict(x=(totals["plain"] + totals["dq"]) / 2, y=0.5, yref="y", showarrow=False,
+                    text=f"saving {totals['plain'] - totals['dq']:.3f} bits/param",
+                    font=dict(color="#555")))
+    return ann
+
+
+class MemoryCalculator(WidgetBase):
+    """Drive it from Python: ``model.value`` (a key of ARCHITECTURES), ``blocksize.value``,
+    ``double_quant.value``, ``context.value``, ``batch.value``, ``runtime.value`` (GB),
+    ``gpu.value``; read ``result`` (``model_memory``'s dict) and ``bits`` (the bar totals)."""
+
+    def __init__(self, model: str = "LLaMA-65B", blocksize: int = 64, double_quant: bool = True,
+                 gpu: int = 48, context: int = 2048, batch: int = 1, runtime_gb: float = 1.0):
         import ipywidgets as W
 
-        self.model = W.Dropdown(options=[*MODEL_SIZES, "custom"], value=model, description="model")
-        self.custom = W.FloatText(value=1.0, description="custom (B)")
-        self.quant_type = W.ToggleButtons(options=("nf4", "fp4"), value="nf4",
-                                          description="type", tooltips=("same bytes",) * 2)
+        if model not in ARCHITECTURES:
+            raise ValueError(f"model={model!r} is not one of {list(ARCHITECTURES)}")
+        self.model = W.Dropdown(options=list(ARCHITECTURES), value=model, description="model")
         self.blocksize = W.Dropdown(options=BLOCKSIZES, value=blocksize, description="blocksize")
         self.double_quant = W.Checkbox(value=double_quant, description="double quant")
-        self.gpu = W.Dropdown(options=[(k, v) for k, v in GPUS.items()], value=gpu,
-                              description="GPU")
+        self.gpu = W.Dropdown(options=list(GPUS.items()), value=gpu, description="GPU")
+        self.context = W.IntText(value=context, description="context")
+        self.batch = W.IntText(value=batch, description="batch")
+        self.runtime = W.FloatText(value=runtime_gb, step=0.25, description="runtime GB")
         self.readout = W.HTML()
-        self.fig = new_figure(barmode="stack", height=340, xaxis_title="bits per parameter",
-                              yaxis_visible=False)
-        self.gb_fig = new_figure(height=260, xaxis_title="GB of weights")
-        for w in (self.model, self.custom, self.quant_type, self.blocksize, self.double_quant,
-                  self.gpu):
+        self.fig = new_figure(barmode="stack", height=250, xaxis_title="bits per parameter",
+                              margin=dict(l=150, r=40, t=50, b=45), legend_orientation="h",
+                              legend_y=-0.35, xaxis_range=[0, 5.6])
+        self.gb_fig = new_figure(barmode="stack", height=300, xaxis_title="GB on the GPU",
+                                 margin=dict(l=150, r=40, t=50, b=45))
+        for w in (self.model, self.blocksize, self.double_quant, self.gpu, self.context,
+                  self.batch, self.runtime):
             w.observe(lambda _c: self.update(), names="value")
-        self.widget = W.VBox([W.HBox([self.model, self.custom]), self.quant_type,
-                              W.HBox([self.blocksize, self.double_quant, self.gpu]), self.fig,
-                              self.gb_fig, self.readout])
+        self.widget = W.VBox([
+            W.HBox([self.model, self.gpu]), W.HBox([self.blocksize, self.double_quant]),
+            W.HBox([self.context, self.batch, self.runtime]), self.fig, self.gb_fig,
+            hint("<b>Try this:</b> switch to LLaMA-65B on a 48 GB GPU, then raise the context "
+                 "to 16384. <b>Look for:</b> 4.5 vs 4.127 bits side by side, and how much of the "
+                 "GPU the 16-bit embeddings and the KV cache take once the weights are 4-bit."),
+            self.readout])
         self.update()
 
-    def n_params(self) -> float:
-        if self.model.value != "custom":
-            return MODEL_SIZES[self.model.value]
-        if not self.custom.value > 0:
-            raise ValueError(f"custom model size must be positive, got {self.custom.value} B")
-        return self.custom.value * 1e9
-
     def update(self) -> None:
-        """Recompute the breakdown and redraw both figures (batched, re-synced)."""
-        import plotly.graph_objects as go
-
+        """Recompute and redraw both figures (batched, re-synced)."""
         try:
-            n = self.n_params()
+            r = model_memory(self.model.value, self.blocksize.value, self.double_quant.value,
+                             self.context.value, self.batch.value, self.runtime.value,
+                             self.gpu.value)
         except ValueError as exc:
             self.readout.value = f"<b style='color:#b00'>{exc}</b>"
             return
-        r = self.result = model_memory(n, self.blocksize.value, self.double_quant.value,
-                                       self.gpu.value)
-        bars = [go.Bar(y=["bits/param"], x=[r["bits"].get(p, 0.0)], orientation="h",
-                       name=LABELS[p], text=[f"{r['bits'].get(p, 0.0):.4f}"]) for p in PARTS]
-        redraw(self.fig, bars,
-               (f"{self.quant_type.value.upper()}, blocksize "
-                f"{self.blocksize.value}: {r['bits_per_param']:.4f} "
-                f"bits/param"))
+        self.result = r
+        bs = self.blocksize.value
+        traces, self.bits = bits_bar_traces(bs)
+        n = 4096 * 4096
+        dq_bits = {k: 8.0 * v / n for k, v in storage_bytes_for(n, bs, True).items()}
+        redraw(self.fig, traces, f"bits per parameter of a 4096×4096 NF4 layer, blocksize {bs}",
+               annotations=bits_bar_annotations(self.bits, dq_bits),
+               xaxis_range=[0, max(5.6, self.bits["plain"] * 1.15)])
         self._draw_gb(r)
-        self.readout.value = self._html(n, r)
+        self.readout.value = self._html(r)
 
     def _draw_gb(self, r: dict) -> None:
         import plotly.graph_objects as go
 
-        bars = go.Bar(y=["fp16/bf16", "4-bit"], x=[r["fp16_gb"], r["gb"]], orientation="h",
-                      marker_color=["#999", "#1f77b4" if r["fits"] else "#d62728"],
-                      text=[f"{r['fp16_gb']:.1f} GB", f"{r['gb']:.2f} GB"], showlegend=False)
-        redraw(self.gb_fig, [bars],
-               f"weights {'fit' if r['fits'] else 'do NOT fit'} a {self.gpu.value} GB GPU "
-               f"(dashed line)",
-               shapes=[dict(type="line", x0=self.gpu.value, x1=self.gpu.value, y0=-0.5, y1=1.5,
-                            line=dict(dash="dash"))])
+        rows = ["all 16-bit", "linear layers 4-bit"]
+        bars = []
+        for part, label in WHOLE_LABELS.items():
+            if part == "linear":
+                bars.append(go.Bar(y=rows, x=[r["fp16"]["linear"] / GB, r["q4"]["linear"] / GB],
+                                   orientation="h", name=label,
+                                   marker_color=[COLORS["linear16"], COLORS["packed"]]))
+            else:
+                bars.append(go.Bar(y=rows, x=[r["fp16"][part] / GB, r["q4"][part] / GB],
+                                   orientation="h", name=label, marker_color=COLORS[part]))
+        gpu = self.gpu.value
+        fits = r["fits"]
+        redraw(self.gb_fig, bars,
+               f"{self.model.value}: {r['q4_gb']:.1f} GB in 4-bit, {r['fp16_gb']:.1f} GB in "
+               f"16-bit; 4-bit {'fits' if fits else 'does NOT fit'} a {gpu} GB GPU (dashed)",
+               shapes=[dict(type="line", x0=gpu, x1=gpu, y0=-0.5, y1=1.5,
+                            line=dict(dash="dash", color="#b00" if not fits else "#333"))],
+               annotations=[dict(x=r[k] , y=row, text=f"{r[k]:.1f} GB", showarrow=False,
+                                 xanchor="left", xshift=4)
+                            for k, row in (("fp16_gb", rows[0]), ("q4_gb", rows[1]))])
 
-    def _html(self, n: float, r: dict) -> str:
-        rows = [(LABELS[p], f"{r['bytes'][p]:,}", f"{r['bits'][p]:.4f}") for p in r["bytes"]]
-        rows.append(("total", f"{sum(r['bytes'].values()):,}", f"{r['bits_per_param']:.4f}"))
-        note = ("NF4 and FP4 store the same bytes; compute dtype (bf16/fp16) changes speed and "
-                "activation memory, not the stored weights. Weights only: activations, KV cache, "
-                "LoRA adapters and optimizer state come on top.")
-        return (html_table(rows, ("part", "bytes", "bits/param"),
-                           f"{n / 1e9:g}B parameters as one tensor") + f"<p>{note}</p>")
+    def _html(self, r: dict) -> str:
+        c = r["params"]
+        rows = [(WHOLE_LABELS[p], f"{r['fp16'][p] / GB:.3f}", f"{r['q4'][p] / GB:.3f}")
+                for p in WHOLE_LABELS]
+        rows.append(("total", f"{r['fp16_gb']:.2f}", f"{r['q4_gb']:.2f}"))
+        note = (f"{sum(c.values()) / 1e9:.2f} B parameters, {c['linear'] / 1e9:.2f} B of them in "
+                f"4-bit linear layers ({100 * c['linear'] / sum(c.values()):.1f} %). KV cache: "
+                f"{self.context.value} tokens × batch {self.batch.value}. Inference only: LoRA "
+                f"adapters, gradients and optimizer states (training) come on top.")
+        return html_table(rows, ("part", "16-bit GB", "4-bit GB"), "Whole model") + \
+            f"<p>{note}</p>"
 
 
-def memory_calculator(model: str = "65B", blocksize: int = 64, double_quant: bool = True,
-                      gpu: int = 48) -> MemoryCalculator:
+def memory_calculator(model: str = "LLaMA-65B", blocksize: int = 64, double_quant: bool = True,
+                      gpu: int = 48, context: int = 2048, batch: int = 1,
+                      runtime_gb: float = 1.0) -> MemoryCalculator:
     """Build the calculator (QLoRA's headline: a 65B model's 4-bit weights fit a 48 GB GPU)."""
-    return MemoryCalculator(model, blocksize, double_quant, gpu)
+    return MemoryCalculator(model, blocksize, double_quant, gpu, context, batch, runtime_gb)

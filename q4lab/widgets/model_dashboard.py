@@ -13,9 +13,11 @@ import re
 
 import numpy as np
 
-from ..reference.blockwise import BLOCKSIZES
+from ..constants import BLOCKSIZES
+from ..metrics import error_stats
 from ..state import bits_per_param, storage_bytes
-from ._common import QUANT_TYPES, WidgetBase, error_stats, html_table, linear_weights, new_figure, redraw
+from ._common import (QUANT_TYPES, WidgetBase, hint, html_table, linear_weights,
+                      new_figure, redraw)
 from ._common import roundtrip, to_numpy_f32
 
 METRICS = {"sqnr_db": "SQNR (dB)", "mse": "MSE", "bits_per_param": "bits/param",
@@ -70,15 +72,42 @@ def _quantized_row(name, module, original) -> dict:
     return row
 
 
+def _fmt(v: float, metric: str) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    if metric == "sqnr_db":
+        return f"{v:.2f} dB"
+    if metric == "bytes":
+        return f"{v:,.0f}"
+    return f"{v:.3e}" if metric == "mse" else f"{v:.4f}"
+
+
 def _float32():
     import torch
 
     return torch.float32
 
 
+def common_prefix(kinds: list[str]) -> str:
+    """The longest dotted prefix ending in '*.' shared by every starred kind ('' if none), e.g.
+    'model.layers.*.' for a Llama: the axis title says it once instead of every label."""
+    starred = [k for k in kinds if ".*." in f".{k}"]
+    if not starred:
+        return ""
+    parts = [k.split(".") for k in starred]
+    n = 0
+    while all(len(p) > n + 1 and p[n] == parts[0][n] for p in parts):
+        n += 1
+    head = parts[0][:n]
+    while head and head[-1] != "*":
+        head.pop()
+    return ".".join(head) + "." if head else ""
+
+
 def heatmap_grid(rows: list[dict], metric: str) -> tuple[list, list, np.ndarray]:
     """(row labels, column labels, values): rows = the first integer in a layer name (the
-    transformer block), columns = the name with that integer replaced by '*'; NaN where absent."""
+    transformer block), columns = the name with that integer replaced by '*'; NaN where absent.
+    Column labels are given in full; :func:`common_prefix` finds what they share."""
     cells = {}
     for r in rows:
         m = re.search(r"\.(\d+)\.", f".{r['name']}.")
@@ -112,12 +141,17 @@ class ModelDashboard(WidgetBase):
         self.double_quant = W.Checkbox(value=double_quant, description="double quant",
                                        disabled=self.is_quantized)
         self.table = W.HTML()
-        self.fig = new_figure(height=420, margin=dict(l=90, r=20, t=50, b=160))
+        self.fig = new_figure(height=460, margin=dict(l=80, r=20, t=60, b=90))
         self.metric.observe(lambda _c: self.redraw(), names="value")
         for w in (self.quant_type, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
-        self.widget = W.VBox([W.HBox([self.metric, self.blocksize, self.double_quant]),
-                              self.quant_type, self.fig, self.table])
+        self.widget = W.VBox([
+            W.HBox([self.metric, self.blocksize, self.double_quant]), self.quant_type, self.fig,
+            hint("<b>Try this:</b> switch the metric between SQNR and bits/param"
+                 + ("" if self.is_quantized else ", and the blocksize from 64 to 4096") +
+                 ". <b>Look for:</b> the colour bar's range: every layer sits within a few dB of "
+                 "the others, so a dark cell is only slightly worse, not broken."),
+            self.table])
         self.update()
 
     def update(self) -> None:
@@ -131,14 +165,23 @@ class ModelDashboard(WidgetBase):
         import plotly.graph_objects as go
 
         metric = self.metric.value
-        ylabels, xlabels, grid = heatmap_grid(self.rows, metric)
+        ylabels, kinds, grid = heatmap_grid(self.rows, metric)
+        prefix = common_prefix(kinds)
+        xlabels = [k[len(prefix):] if k.startswith(prefix) else k for k in kinds]
         z = np.where(np.isnan(grid), None, grid).tolist()
+        lo, hi = (float(np.nanmin(grid)), float(np.nanmax(grid))) if np.isfinite(grid).any() \
+            else (float("nan"), float("nan"))
+        spread = f"{_fmt(lo, metric)} to {_fmt(hi, metric)} (spread {_fmt(hi - lo, metric)})"
         heat = go.Heatmap(z=z, x=xlabels, y=ylabels, colorscale="Viridis",
-                          colorbar=dict(title=METRICS[metric]))
+                          colorbar=dict(title=dict(text=f"{METRICS[metric]}<br>spread<br>"
+                                                        f"{_fmt(hi - lo, metric)}")),
+                          hovertemplate="%{y}, " + prefix + "%{x}: %{z}<extra></extra>")
         source = "stored state" if self.is_quantized else (
             f"{self.quant_type.value}, blocksize {self.blocksize.value}")
-        redraw(self.fig, [heat],
-               f"{METRICS[metric]} per layer ({source})")
+        redraw(self.fig, [heat], f"{METRICS[metric]} per layer ({source}): {spread}",
+               xaxis=dict(title=dict(text=f"layer kind ({prefix}…)" if prefix else "layer"),
+                          tickangle=0 if len(xlabels) <= 8 else -30, automargin=True),
+               yaxis=dict(autorange="reversed", title=dict(text="transformer block")))
         self.table.value = self._html()
 
     def _html(self) -> str:
