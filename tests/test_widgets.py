@@ -273,15 +273,18 @@ def test_memory_calculator_bits_bar_shows_4_5_beside_4_127_with_every_part():
     assert mc.bits["plain"] == 4.5 and round(mc.bits["dq"], 3) == 4.127
     bars = {t.name: t for t in mc.fig.data}
     assert list(bars) == ["4-bit codes", "absmax", "nested absmax", "offset"]
-    assert all(list(t.y) == ["NF4", "NF4 + double quant"] for t in bars.values())
+    rows = ["NF4: 4.500 bits", "NF4 + double quant: 4.127 bits"]          # side by side, totals named
+    assert all(list(t.y) == rows for t in bars.values())
     assert list(bars["absmax"].x) == [0.5, 0.125] and bars["nested absmax"].x[0] == 0
     assert all(t.textangle == 0 for t in bars.values())              # readable, not rotated
     notes = " ".join(a.text for a in mc.fig.layout.annotations)
-    assert "4.500" in notes and "4.127" in notes and "nested absmax" in notes and "offset" in notes
-    assert "saving 0.373" in notes
+    assert "nested absmax 0.00195" in notes and "offset" in notes and "saving 0.373" in notes
+    assert mc.fig.layout.margin.l >= 200                             # the row labels fit
     mc.blocksize.value = 32
     assert mc.bits["plain"] == 5.0 and "blocksize 32" in mc.fig.layout.title.text
     assert_synced(mc.fig)
+    from q4lab.widgets.memory_calculator import bits_figure
+    assert [t.name for t in bits_figure(64).data] == list(bars)
 
 
 def test_memory_calculator_65b_fits_48gb_but_not_24gb():

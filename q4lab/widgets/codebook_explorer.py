@@ -59,7 +59,8 @@ class CodebookExplorer(WidgetBase):
         self.steps = W.HTML()
         self.fig = new_figure(title="4-bit codebooks over the normal density",
                               xaxis_title="normalized weight (w / absmax)",
-                              yaxis_title="density", height=420)
+                              yaxis_title="density", height=500,
+                              legend=dict(orientation="h", y=-0.18))
         for w in (self.offset, self.show_fp4, self.show_int4):
             w.observe(lambda _change: self.update(), names="value")
         self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))

@@ -126,15 +126,24 @@ WHOLE_LABELS = {"linear": "linear layers", "embed": "embeddings (16-bit)",
                 "kv": "KV cache (16-bit)", "runtime": "runtime allowance"}
 
 
-def bits_bar_traces(blocksize: int, numel: int = 4096 * 4096) -> tuple[list, dict]:
-    """Stacked horizontal bars: one tensor of ``numel`` NF4 values at ``blocksize``, without and
-    with double quantization, split into codes / absmax / nested absmax / offset (bits per
-    parameter from ``storage_bytes_for``). Returns (traces, {"plain": bits, "dq": bits})."""
+#: The look of the bits-per-parameter figure (used by the calculator and by notebooks 04 and 06).
+BITS_LAYOUT = dict(barmode="stack", height=280, xaxis_title="bits per parameter",
+                   margin=dict(l=230, r=30, t=50, b=40), legend=dict(orientation="h", y=-0.4),
+                   yaxis=dict(autorange="reversed"))
+
+
+def bits_bar(blocksize: int = 64, numel: int = 4096 * 4096) -> tuple[list, dict, dict]:
+    """One tensor of ``numel`` NF4 values at ``blocksize``, without and with double quantization,
+    as two stacked horizontal bars side by side (codes / absmax / nested absmax / offset; bits per
+    parameter from ``storage_bytes_for``). The totals are in the row labels, the saving between the
+    bars, and an arrow names the two parts too thin to see. Returns (traces, layout updates for
+    ``redraw``, {"plain": bits, "dq": bits, "parts": {"plain": {...}, "dq": {...}}})."""
     import plotly.graph_objects as go
 
-    rows = {"plain": "NF4", "dq": "NF4 + double quant"}
-    bits = {k: {p: 8.0 * v / numel
-                for p, v in storage_bytes_for(numel, blocksize, k == "dq").items()} for k in rows}
+    bits = {k: {p: 8.0 * v / numel for p, v in storage_bytes_for(numel, blocksize, k == "dq").items()}
+            for k in ("plain", "dq")}
+    totals = {k: sum(v.values()) for k, v in bits.items()}
+    rows = {"plain": f"NF4: {totals['plain']:.3f} bits", "dq": f"NF4 + double quant: {totals['dq']:.3f} bits"}
     traces = []
     for part in PARTS:
         x = [bits[k].get(part, 0.0) for k in rows]
@@ -142,27 +151,30 @@ def bits_bar_traces(blocksize: int, numel: int = 4096 * 4096) -> tuple[list, dic
         traces.append(go.Bar(y=list(rows.values()), x=x, orientation="h", name=LABELS[part],
                              marker_color=COLORS[part], text=text, textposition="inside",
                              insidetextanchor="middle", textangle=0,
-                             hovertemplate="%{y}: " + LABELS[part] + " %{x:.5f} bits<extra></extra>"))
-    return traces, {k: sum(v.values()) for k, v in bits.items()}
+                             hovertemplate="%{y}: " + LABELS[part] + " %{x:.6f} bits<extra></extra>"))
+    nested, offset = bits["dq"]["nested_absmax"], bits["dq"]["offset"]
+    right = max(6.2, totals["plain"] * 1.25)
+    ann = [dict(x=totals["dq"], y=rows["dq"], axref="x", ayref="y", ax=totals["dq"] + 0.55,
+                ay=rows["dq"], showarrow=True, arrowhead=2, arrowwidth=1.2, xanchor="left",
+                text=f"nested absmax {nested:.5f}<br>+ offset {offset:.1e} bits",
+                font=dict(size=11), align="left"),
+           dict(x=totals["plain"] + 0.05, y=0.5, yref="y", xanchor="left", showarrow=False,
+                text=f"saving {totals['plain'] - totals['dq']:.3f} bits/param",
+                font=dict(color="#555"))]
+    return traces, {"annotations": ann, "xaxis_range": [0, right]}, {**totals, "parts": bits}
+
+
+def bits_figure(blocksize: int = 64, numel: int = 4096 * 4096, title: str | None = None):
+    """A new figure holding :func:`bits_bar` (for notebooks)."""
+    traces, layout, _ = bits_bar(blocksize, numel)
+    fig = new_figure(**BITS_LAYOUT)
+    redraw(fig, traces, title or f"bits per parameter of a {numel:,}-value NF4 tensor, "
+                                 f"blocksize {blocksize}", **layout)
+    return fig
 
 
 def _part_text(part: str, v: float) -> str:
     return f"codes {v:g}" if part == "packed" else f"{LABELS[part]} {v:.3g}"
-
-
-def bits_bar_annotations(totals: dict, bits_dq: dict) -> list:
-    """Totals at the bar ends, and arrows naming the two parts too thin to see."""
-    nested, offset = bits_dq.get("nested_absmax", 0.0), bits_dq.get("offset", 0.0)
-    ann = [dict(x=totals[k], y=label, text=f"<b>{totals[k]:.3f}</b>", showarrow=False,
-                xanchor="left", xshift=6) for k, label in (("plain", "NF4"),
-                                                          ("dq", "NF4 + double quant"))]
-    ann.append(dict(x=totals["dq"], y="NF4 + double quant", ax=40, ay=-38,
-                    text=f"nested absmax {nested:.5f} + offset {offset:.1e} bits",
-                    showarrow=True, arrowhead=2, xanchor="left", font=dict(size=11)))
-    ann.append(dict(x=(totals["plain"] + totals["dq"]) / 2, y=0.5, yref="y", showarrow=False,
-                    text=f"saving {totals['plain'] - totals['dq']:.3f} bits/param",
-                    font=dict(color="#555")))
-    return ann
 
 
 class MemoryCalculator(WidgetBase):
@@ -184,11 +196,11 @@ class MemoryCalculator(WidgetBase):
         self.batch = W.IntText(value=batch, description="batch")
         self.runtime = W.FloatText(value=runtime_gb, step=0.25, description="runtime GB")
         self.readout = W.HTML()
-        self.fig = new_figure(barmode="stack", height=250, xaxis_title="bits per parameter",
-                              margin=dict(l=150, r=40, t=50, b=45), legend_orientation="h",
-                              legend_y=-0.35, xaxis_range=[0, 5.6])
-        self.gb_fig = new_figure(barmode="stack", height=300, xaxis_title="GB on the GPU",
-                                 margin=dict(l=150, r=40, t=50, b=45))
+        self.fig = new_figure(**BITS_LAYOUT)
+        self.gb_fig = new_figure(barmode="stack", height=320, xaxis_title="GB on the GPU",
+                                 margin=dict(l=150, r=30, t=50, b=40),
+                                 legend=dict(orientation="h", y=-0.3),
+                                 yaxis=dict(autorange="reversed"))
         for w in (self.model, self.blocksize, self.double_quant, self.gpu, self.context,
                   self.batch, self.runtime):
             w.observe(lambda _c: self.update(), names="value")
@@ -212,12 +224,9 @@ class MemoryCalculator(WidgetBase):
             return
         self.result = r
         bs = self.blocksize.value
-        traces, self.bits = bits_bar_traces(bs)
-        n = 4096 * 4096
-        dq_bits = {k: 8.0 * v / n for k, v in storage_bytes_for(n, bs, True).items()}
+        traces, layout, self.bits = bits_bar(bs)
         redraw(self.fig, traces, f"bits per parameter of a 4096×4096 NF4 layer, blocksize {bs}",
-               annotations=bits_bar_annotations(self.bits, dq_bits),
-               xaxis_range=[0, max(5.6, self.bits["plain"] * 1.15)])
+               **layout)
         self._draw_gb(r)
         self.readout.value = self._html(r)
 
