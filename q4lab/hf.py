@@ -242,6 +242,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
     if tied_targets(model) & {f"{n}.weight" for n in quant}:
         config.tie_word_embeddings = False  # a 4-bit output layer is no longer the embedding
     config.quantization_config = qc
+    config.architectures = [type(model).__name__]  # as transformers' save_pretrained sets it
     directory = Path(directory)
     tmp = _tmp_dir(directory)
     try:

@@ -108,6 +108,22 @@ def _quantized_group(weight: torch.Tensor, name: str, cfg, compute_dtype) -> dic
     return {f"{name}.{k}": v for k, v in to_bnb_state_dict(layer).items()}
 
 
+def _generation_config(source: Path, model, tmp: Path) -> None:
+    """The generation_config.json the loaded model would be saved with, read as transformers'
+    ``GenerationMixin.adjust_generation_fn`` reads it: the source's file, or if there is none,
+    the generation settings in config.json (``_from_model_config``)."""
+    if not model.can_generate():
+        return
+    from transformers import GenerationConfig
+
+    if (source / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(source))
+    else:
+        gen = GenerationConfig.from_pretrained(str(source), config_file_name="config.json",
+                                               _from_model_config=True)
+    gen.save_pretrained(tmp)
+
+
 def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB",
                         overwrite: bool = False, progress: bool = True) -> Path:
     """Quantize the safetensors checkpoint directory ``source`` (``model.safetensors`` or shards +
@@ -131,7 +147,8 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
     max_bytes = parse_size(max_shard_size)
     entries, _ = inventory(source)
     hf_config = _config(source)
-    plan, dense, compute_dtype = _plan(empty_model(hf_config), entries, cfg, source)
+    model = empty_model(hf_config)
+    plan, dense, compute_dtype = _plan(model, entries, cfg, source)
     hf_config.quantization_config = bnb_quantization_config(cfg.quant_type, cfg.double_quant,
                                                             compute_dtype, dense)
     tmp = _tmp_dir(destination)
@@ -151,8 +168,10 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
                 bar.update(e.nbytes)
         writer.finish()
         hf_config.save_pretrained(tmp)
+        _generation_config(source, model, tmp)
         for p in sorted(source.iterdir()):
-            if p.is_file() and p.name not in ("config.json", "model.safetensors.index.json") \
+            if p.is_file() and p.name not in ("config.json", "model.safetensors.index.json",
+                                              "generation_config.json") \
                     and not p.name.endswith(_NOT_COPIED):
                 shutil.copy2(p, tmp / p.name)
         commit_directory(tmp, destination, replace="replace" if overwrite else "error")
