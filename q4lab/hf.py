@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -199,23 +198,19 @@ def _quant_config_of(quant: dict, dense: list) -> dict:
 
 
 def _dedupe_tied(model: nn.Module, state: dict) -> dict:
-    """Drop the names under which a tied tensor appears a second time, keeping the name
-    transformers reads (``model.embed_tokens.weight``, not ``lm_head.weight``)."""
+    """Drop the tied names transformers re-ties on load (``lm_head.weight`` when it is the
+    embedding's tensor), as its ``save_pretrained`` does; other shared tensors are kept."""
     targets = tied_targets(model)
-    seen: dict = {}
-    for k, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
-        if t.numel() and ident in seen:
-            if seen[ident] in targets and k not in targets:
-                seen[ident] = k
-            continue
-        seen.setdefault(ident, k)
-    keep = set(seen.values()) | {k for k, t in state.items() if not t.numel()}
-    return {k: t for k, t in state.items() if k in keep}
+
+    def ident(t):
+        return t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape)
+
+    kept = {ident(t) for k, t in state.items() if k not in targets and t.numel()}
+    return {k: t for k, t in state.items() if not (k in targets and ident(t) in kept)}
 
 
 def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size="5GB",
-                    progress: bool = False) -> Path:
+                    progress: bool = True) -> Path:
     """Write a q4lab-quantized transformers model as a transformers + bitsandbytes 4-bit directory:
     ``config.json`` (with transformers' bitsandbytes ``quantization_config``), safetensors in
     bitsandbytes' keys (sharded above ``max_shard_size``, with ``model.safetensors.index.json``),
@@ -247,8 +242,13 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
     tmp = _tmp_dir(directory)
     try:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
-        for group in _groups(state, quant):
-            writer.add(group)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=sum(t.numel() * t.element_size() for t in state.values()), unit="B",
+                  unit_scale=True, desc="writing 4-bit checkpoint", disable=not progress) as bar:
+            for group in _groups(state, quant):
+                writer.add(group)
+                bar.update(sum(t.numel() * t.element_size() for t in group.values()))
         writer.finish()
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -295,7 +295,7 @@ def _read_config(directory: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progress: bool = False):
+def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progress: bool = True):
     """Open a bitsandbytes 4-bit transformers directory (what transformers + bitsandbytes'
     ``save_pretrained`` writes, or :func:`save_pretrained`) as a transformers model whose 4-bit
     layers are ``q4lab.Linear4bit`` holding the file's bytes unchanged; bitsandbytes is not needed.
@@ -323,7 +323,14 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     entries, _ = inventory(directory)
-    state = {k: read_tensor(e) for k, e in entries.items()}
+    from tqdm.auto import tqdm
+
+    state = {}
+    with tqdm(total=sum(e.nbytes for e in entries.values()), desc="reading 4-bit checkpoint",
+              unit="B", unit_scale=True, disable=not progress) as bar:
+        for k, e in entries.items():
+            state[k] = read_tensor(e)
+            bar.update(e.nbytes)
     prefixes = sorted({k[:k.index(_QS)] for k in state if _QS in k})
     if not prefixes:
         raise ValueError(f"{directory}: config.json says 4-bit but no tensor carries a "
@@ -335,17 +342,17 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
             packed, qstate, bias = parse_layer(state, prefix)
         except ValueError as exc:
             raise ValueError(f"{directory}: {exc}") from exc
-        module = _module_for(model, prefix, qstate.shape, directory)
+        _module_for(model, prefix, qstate.shape, directory)
         model.set_submodule(prefix, Linear4bit(qstate.shape[1], qstate.shape[0], packed, qstate,
                                                bias, compute_dtype))
         used |= {k for k in state if k == prefix + ".weight" or k.startswith(prefix + ".weight.")
                  or k == prefix + ".bias"}
-        del module
     _assign_rest(model, {k: v for k, v in state.items() if k not in used}, directory)
     return model.eval()
 
 
-def _module_for(model, prefix, shape, directory):
+def _module_for(model, prefix, shape, directory) -> None:
+    """Check that ``prefix`` names a Linear (or Conv1D) layer of the stored weight's shape."""
     try:
         module = model.get_submodule(prefix)
     except AttributeError as exc:
@@ -362,7 +369,6 @@ def _module_for(model, prefix, shape, directory):
     if tuple(shape) != want:
         raise ValueError(f"{directory}: layer {prefix!r} stores a {tuple(shape)} weight but the "
                          f"model's layer is {want}")
-    return module
 
 
 def _assign_rest(model, state: dict, directory) -> None:
@@ -491,6 +497,3 @@ def _check_peft_config(cfg, path) -> None:
     if isinstance(cfg.get("r"), bool) or not isinstance(cfg.get("r"), int):
         raise ValueError(f"{path}: r must be an integer, got {cfg.get('r')!r}")
 
-
-def is_adapter_directory(path) -> bool:
-    return os.path.isdir(path)

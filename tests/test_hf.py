@@ -273,6 +273,25 @@ def test_bnb_avx512bf16_repacking_changes_its_logits(bnb_written):
         assert_bytes_equal(ours, theirs, "logits, default bnb path")
 
 
+def test_from_pretrained_gpt2_conv1d_layers(tmp_path):
+    """GPT-2 keeps its projections in transformers' Conv1D (weight stored in x out);
+    transformers + bnb quantize them transposed, as Linear; q4lab opens them as Linear4bit."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                     n_positions=64)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(tmp_path / "fp32")
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=F32)
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), quantization_config=qc,
+                                         device_map="cpu").save_pretrained(tmp_path / "bnb")
+    ours = q4lab.from_pretrained(tmp_path / "bnb")
+    layers = q4_layers(ours)
+    assert len(layers) == 8 and "transformer.h.0.attn.c_attn" in layers
+    assert layers["transformer.h.0.attn.c_attn"].quant_state.shape == (192, 64)
+    ids = tokens(6)
+    assert_bytes_equal(logits(ours, ids), logits(bnb_load(tmp_path / "bnb"), ids), "GPT-2 logits")
+
+
 def _edit_config(src, dst, change):
     import shutil
 
@@ -328,6 +347,8 @@ def test_smollm2_both_ways(tmp_path):
     model, tok = q4lab.models.load_smollm2()
     q4lab.quantize_model(model, compute_dtype=F32, progress=False)
     q4lab.save_pretrained(model, tmp_path / "smol", tokenizer=tok)
+    config = json.loads((tmp_path / "smol" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
     files = {p.name for p in (tmp_path / "smol").iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors",
             "tokenizer.json", "tokenizer_config.json"} <= files
