@@ -23,7 +23,7 @@ _LAZY = {
     "save_pretrained": "hf", "from_pretrained": "hf", "quantize_checkpoint": "stream",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
-               "interop", "quantize", "files", "metrics", "matmul")
+               "interop", "quantize", "files", "metrics", "matmul", "constants")
 _SUBMODULES += ("hf", "checkpoint", "stream")
 _SUBMODULES += ("quality",)
 
