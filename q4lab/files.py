@@ -14,7 +14,7 @@ import json
 from torch import nn
 
 from .ops import DTYPE_OF_NAME, TORCH_DTYPES
-from .interop import from_bnb_state_dict, to_bnb_state_dict
+from .interop import from_bnb_state_dict, json_object, to_bnb_state_dict
 from .nn import Linear4bit
 
 
@@ -75,12 +75,4 @@ def _read_safetensors(path) -> tuple[dict, dict]:
 
 
 def _json_meta(meta: dict, key: str, path) -> dict:
-    if key not in meta:
-        return {}
-    try:
-        value = json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: metadata {key!r} must be a JSON object")
-    return value
+    return json_object(meta[key], f"{path}: metadata {key!r}") if key in meta else {}

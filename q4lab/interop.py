@@ -79,12 +79,19 @@ def _json_of(key: str, t) -> dict:
         raise ValueError(f"{key!r} must be a 1-D uint8 tensor of UTF-8 JSON, got "
                          f"{getattr(t, 'dtype', type(t).__name__)} "
                          f"{tuple(getattr(t, 'shape', ()))}")
+    return json_object(bytes(t.cpu().numpy()), repr(key))
+
+
+def json_object(text, what: str) -> dict:
+    """The JSON object in ``text`` (str or UTF-8 bytes); ValueError naming ``what`` when it is not
+    valid UTF-8 JSON or not an object. Used for bnb's quant_state entries and q4lab's safetensors
+    metadata (``q4lab.files``)."""
     try:
-        d = json.loads(bytes(t.cpu().numpy()).decode("utf-8"))
+        d = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{key!r} does not hold valid JSON: {exc}") from exc
+        raise ValueError(f"{what} does not hold valid JSON: {exc}") from exc
     if not isinstance(d, dict):
-        raise ValueError(f"{key!r} must hold a JSON object, got {type(d).__name__}")
+        raise ValueError(f"{what} must hold a JSON object, got {type(d).__name__}")
     return d
 
 
