@@ -80,6 +80,21 @@ def test_perplexity_scores_every_token_once():
         Q.perplexity(model, ids[:, :1])
 
 
+def test_scatter_labels_do_not_collide():
+    from q4lab.widgets.quality_lab import label_positions
+
+    assert label_positions([(10.0, 19.0)], ["NF4/64"], (9, 11), (18, 20)) == ["top center"]
+    # five points nearly on top of each other (the all-layers cluster): no two labels collide
+    pts = [(10.0, 19.3), (10.001, 19.39), (10.3, 19.9), (10.3, 21.6), (9.9, 20.9), (26.5, 15.8)]
+    labels = ["NF4/64", "NF4+DQ/64", "INT4/64", "FP4/64", "NF4+DQ/256", "NF4+DQ/64 attn"]
+    where = label_positions(pts, labels, (7.5, 29), (13, 27.5), ringed=1)
+    assert where[1] is not None and where[-1] is not None
+    shown = [p for p in where if p]
+    assert len(shown) >= 5
+    # crowd 12 points into one spot: some labels must give way (None), never overlap
+    assert None in label_positions([(10.0, 19.0)] * 12, ["NF4+DQ/64"] * 12, (0, 30), (0, 40))
+
+
 def test_labconfig_checks_and_labels():
     assert Q.LabConfig().label == "NF4+DQ/64"
     assert Q.LabConfig("int4", 4096, False, "attention", True, torch.bfloat16).label == \

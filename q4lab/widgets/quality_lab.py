@@ -27,6 +27,49 @@ CODEBOOKS = (("NF4", "nf4"), ("FP4", "fp4"), ("uniform INT4", "int4"))
 LAYERS = (("attention", "attention"), ("MLP", "mlp"), ("all", "all"))
 
 
+_POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top right",
+              "bottom right", "top left", "bottom left")
+
+
+def label_positions(points, labels, xrange, yrange, order=None, width: float = 780,
+                    height: float = 300, char: float = 6.2, line: float = 14,
+                    radius: float = 7, ringed: int | None = None) -> list:
+    """Where to write each point's label so that labels overlap neither each other nor any
+    marker: a plotly ``textposition`` per point, or None (no room: the label is only in the
+    hover). Greedy, in ``order`` (most important first), over eight positions around the marker,
+    in pixels of a ``width`` x ``height`` plot area spanning ``xrange`` x ``yrange``; a label is
+    ``char`` pixels per character wide and ``line`` pixels high; point ``ringed`` wears the
+    "current" ring (a larger marker)."""
+    (x0, x1), (y0, y1) = xrange, yrange
+    px = [((x - x0) / (x1 - x0) * width, (y1 - y) / (y1 - y0) * height) for x, y in points]
+    taken = [(cx - radius, cy - radius, cx + radius, cy + radius) for cx, cy in px]
+    out = [None] * len(points)
+    ring = 1.6 * radius
+    if ringed is not None:
+        cx, cy = px[ringed]
+        taken[ringed] = (cx - ring, cy - ring, cx + ring, cy + ring)
+    for i in (range(len(points)) if order is None else order):
+        (cx, cy), w, h = px[i], char * len(labels[i]), line
+        r = ring if i == ringed else radius
+        for pos in _POSITIONS:
+            vert, horiz = pos.split()
+            if vert == "middle":
+                top = cy - h / 2
+                left = cx + r + 2 if horiz == "right" else cx - r - 2 - w
+            else:
+                top = cy - r - 1 - h if vert == "top" else cy + r + 1
+                left = {"center": cx - w / 2, "right": cx, "left": cx - w}[horiz]
+            box = (left, top, left + w, top + h)
+            if box[0] < -10 or box[2] > width + 10 or box[1] < -20:
+                continue
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in taken):
+                out[i] = pos
+                taken.append(box)
+                break
+    return out
+
+
 class QualityLab(WidgetBase):
     """Drive it from Python: ``quant_type`` / ``blocksize`` / ``double_quant`` / ``layers`` /
     ``lm_head`` / ``compute_dtype`` ``.value`` (each change evaluates once), or ``set(**changes)``
@@ -76,7 +119,8 @@ class QualityLab(WidgetBase):
         self.readout = W.HTML()
         self.table = W.HTML()
         self.log = W.Output()
-        self.fig = new_figure(height=440, xaxis_title="bits/param, whole model (stored bytes)",
+        self.sensitivity_box = W.VBox([])  # holds sensitivity_fig once there is something to show
+        self.fig = new_figure(height=520, xaxis_title="bits/param, whole model (stored bytes)",
                               yaxis_title="perplexity (lower is better)",
                               margin=dict(l=70, r=20, t=60, b=60),
                               legend=dict(orientation="h", y=-0.18))
@@ -95,7 +139,7 @@ class QualityLab(WidgetBase):
             hint("<b>Try this:</b> switch the codebook between NF4, FP4 and INT4 at blocksize 64, "
                  "then toggle double quant. <b>Look for:</b> NF4's point sits lowest; double "
                  "quant moves a point left (fewer bits) without moving it up."),
-            self.log, self.table, self.sensitivity_fig])
+            self.log, self.table, self.sensitivity_box])
         self.float_record = Q.evaluate(model, self.ids, None, tokenizer, prompt, new_tokens,
                                        self.params)
         self.update()
@@ -201,6 +245,7 @@ class QualityLab(WidgetBase):
                                          self._sens_cache, base, progress)
         self.sensitivity_tokens = ids.numel()
         self._draw_sensitivity()
+        self.sensitivity_box.children = (self.sensitivity_fig,)
         return self.sensitivity
 
     # ---- drawing ----------------------------------------------------------------------------
@@ -210,44 +255,57 @@ class QualityLab(WidgetBase):
         import plotly.graph_objects as go
 
         hist, cur, f = self.history, self.current, self.float_record
+        xs = [r["model_bits_per_param"] for r in hist]
+        ys = [r["perplexity"] for r in hist]
+        front = Q.pareto_front(list(zip(xs, ys)))
+        pad = max(0.05, 0.08 * (max(xs) - min(xs)))
+        xrange = [min(xs) - 2 * pad, max(xs) + 2 * pad]
+        span = max(ys + [f["perplexity"]]) - min(ys + [f["perplexity"]]) or 1.0
+        yrange = [min(ys + [f["perplexity"]]) - 0.12 * span, max(ys) + 0.15 * span]
+        paper = {c.label for c in Q.PAPER_TABLE}
+        first = [hist.index(cur)] + [i for i in front if hist[i] is not cur]
+        first += [i for i, r in enumerate(hist) if r["label"] in paper and i not in first]
+        order = first + [i for i in range(len(hist)) if i not in first]
+        where = label_positions(list(zip(xs, ys)), [r["label"] for r in hist], xrange, yrange,
+                                order, height=self.fig.layout.height - 170,
+                                ringed=hist.index(cur))
         traces = []
         for name, qt in CODEBOOKS:
-            recs = [r for r in hist if r["config"]["quant_type"] == qt]
+            index = [i for i, r in enumerate(hist) if r["config"]["quant_type"] == qt]
+            recs = [hist[i] for i in index]
             if not recs:
                 continue
             traces.append(go.Scatter(
                 x=[r["model_bits_per_param"] for r in recs], y=[r["perplexity"] for r in recs],
-                text=[r["label"] for r in recs], mode="markers+text", name=name.split()[-1],
-                textposition=[("top center", "bottom center")[i % 2] for i in range(len(recs))],
-                textfont=dict(size=11), cliponaxis=False,
-                marker=dict(color=COLORS[qt], size=10,
+                text=[r["label"] if where[i] else "" for i, r in zip(index, recs)],
+                textposition=[where[i] or "top center" for i in index],
+                mode="markers+text", name=name.split()[-1], textfont=dict(size=11),
+                cliponaxis=False,
+                marker=dict(color=COLORS[qt], size=[18 if r is cur else 10 for r in recs],
+                            opacity=1,
                             symbol=["diamond" if r["config"]["double_quant"] else "circle"
                                     for r in recs]),
-                customdata=[[r["bits_per_param"], r["model_bytes"] / 1e6] for r in recs],
-                hovertemplate="%{text}<br>perplexity %{y:.3f}<br>%{x:.3f} bits/param (model), "
-                              "%{customdata[0]:.3f} (4-bit layers)<br>%{customdata[1]:.1f} MB"
-                              "<extra></extra>"))
-        xs = [r["model_bits_per_param"] for r in hist]
-        front = Q.pareto_front([(r["model_bits_per_param"], r["perplexity"]) for r in hist])
-        traces.append(go.Scatter(x=[xs[i] for i in front], y=[hist[i]["perplexity"] for i in front],
+                customdata=[[r["label"], r["bits_per_param"], r["model_bytes"] / 1e6]
+                            for r in recs],
+                hovertemplate="%{customdata[0]}<br>perplexity %{y:.3f}<br>%{x:.3f} bits/param "
+                              "(model), %{customdata[1]:.3f} (4-bit layers)<br>"
+                              "%{customdata[2]:.1f} MB<extra></extra>"))
+        traces.append(go.Scatter(x=[xs[i] for i in front], y=[ys[i] for i in front],
                                  mode="lines", name="Pareto front", hoverinfo="skip",
                                  line=dict(color="#555", dash="dot", shape="hv")))
-        pad = max(0.05, 0.08 * (max(xs) - min(xs)))
-        traces.append(go.Scatter(x=[min(xs) - pad, max(xs) + pad], y=[f["perplexity"]] * 2,
+        traces.append(go.Scatter(x=xrange, y=[f["perplexity"]] * 2,
                                  mode="lines", name=f"{f['label']} ({f['perplexity']:.2f})",
                                  line=dict(color="black", dash="dash"), hoverinfo="skip"))
         traces.append(go.Scatter(x=[cur["model_bits_per_param"]], y=[cur["perplexity"]],
                                  mode="markers", name="current", hoverinfo="skip",
-                                 marker=dict(size=20, color="rgba(0,0,0,0)",
+                                 marker=dict(size=18, color="rgba(0,0,0,0)",
                                              line=dict(color="#ff7f0e", width=3))))
-        ys = [r["perplexity"] for r in hist] + [f["perplexity"]]
-        span = max(ys) - min(ys) or 1.0
+        hidden = sum(p is None for p in where)
         redraw(self.fig, traces,
                f"perplexity vs bits/param: {len(hist)} configurations, {self.ids.numel()} tokens "
-               f"(◇ = double quant)",
-               yaxis=dict(range=[min(ys) - 0.12 * span, max(ys) + 0.15 * span],
-                          title=dict(text="perplexity (lower is better)")),
-               xaxis=dict(range=[min(xs) - 2 * pad, max(xs) + 2 * pad],
+               f"(◇ = double quant{f'; {hidden} labels in the hover only' if hidden else ''})",
+               yaxis=dict(range=yrange, title=dict(text="perplexity (lower is better)")),
+               xaxis=dict(range=xrange,
                           title=dict(text="bits/param, whole model (8 × stored bytes / params)")))
         self.readout.value = self._readout()
 
@@ -277,7 +335,8 @@ class QualityLab(WidgetBase):
         vals = [v for row in s.delta for v in row if v is not None]
         lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
         lim = max(abs(lo), abs(hi)) or 1.0
-        heat = go.Heatmap(z=s.delta, x=s.depths, y=s.kinds, colorscale="RdBu_r", zmid=0,
+        heat = go.Heatmap(z=s.delta, x=[str(d) for d in s.depths], y=s.kinds, colorscale="RdBu_r",
+                          zmid=0,
                           zmin=-lim, zmax=lim,
                           colorbar=dict(title=dict(text=f"Δ perplexity<br>{lo:+.3f} to "
                                                         f"{hi:+.3f}")),
@@ -287,8 +346,7 @@ class QualityLab(WidgetBase):
                f"one layer quantized alone ({s.label}, {self.sensitivity_tokens} tokens): "
                f"Δ perplexity {lo:+.3f} to {hi:+.3f} (float {s.base:.2f})",
                yaxis=dict(autorange="reversed", title=dict(text="layer kind")),
-               xaxis=dict(dtick=1 if len(s.depths) <= 16 else 2,
-                          title=dict(text="depth (transformer block)")))
+               xaxis=dict(type="category", title=dict(text="depth (transformer block)")))
 
 
 def quality_lab(model=None, tokenizer=None, text=None, tokens: int = 1024,
