@@ -1,11 +1,12 @@
-"""Suite-wide settings: offline model hubs, the fast notebook size, and clean CUDA skips.
+"""Suite-wide settings: offline model hubs and clean CUDA skips.
 
-Tests marked ``cuda`` are skipped with a reason when torch sees no GPU (CI has none)."""
+Notebooks run at full size by default (``Q4LAB_FAST`` is not set here; the tests that run a notebook
+a second time, the browser and Binder ones, set it for themselves). Tests marked ``cuda`` are skipped
+with a reason when torch sees no GPU (CI has none)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("Q4LAB_FAST", "1")
 
 import pytest  # noqa: E402
 
