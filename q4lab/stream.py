@@ -149,6 +149,7 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
     hf_config = _config(source)
     model = empty_model(hf_config)
     plan, dense, compute_dtype = _plan(model, entries, cfg, source)
+    hf_config.architectures = [type(model).__name__]  # as save_pretrained of the loaded model
     hf_config.quantization_config = bnb_quantization_config(cfg.quant_type, cfg.double_quant,
                                                             compute_dtype, dense)
     tmp = _tmp_dir(destination)
