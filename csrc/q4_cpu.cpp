@@ -1,6 +1,6 @@
 // q4_cpu.cpp: the torch.ops.q4lab schemas (TORCH_LIBRARY) and their CPU implementation.
 //
-// Same steps as q4lab/reference (DESIGN.md section 4), with the per-element math from q4_element.h:
+// Same steps as q4lab/reference (docs/format.md §1-§8), with the per-element math from q4_element.h:
 //   quantize_4bit      blockwise absmax -> reciprocal -> scale -> encode -> pack
 //                      (bitsandbytes functional.py::quantize_4bit, kernels.cu::kQuantizeBlockwise)
 //   quantize_absmax    exact-mean offset -> center -> absmax per 256 -> scale -> 8-bit code
@@ -10,8 +10,9 @@
 // Blocks are independent: parallel_chunks hands runs of whole blocks to at::parallel_for's threads,
 // and the loops inside a block are fixed-trip loops the compiler vectorizes (-O3 -march=native
 // -ffp-contract=off, never -ffast-math; check with -fopt-info-vec). On AVX2 machines two inner loops
-// use the intrinsics of q4_cpu_avx2.h (same results). Each op also has an `_out` form writing into
-// given tensors (the tests poison those buffers to prove every byte is written). Indexing is 64-bit.
+// use the intrinsics of q4_cpu_avx2.h (same results). Each op is written once, as its `_out` form
+// writing into given tensors (the tests poison those buffers to prove every byte is written); the
+// allocating form and the registration are q4_checks.h's Q4Ops (CpuOps). Indexing is 64-bit.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <atomic>
@@ -26,7 +27,7 @@
 namespace q4lab {
 namespace {
 
-constexpr int64_t kMaxBlock = 4096;
+constexpr int64_t kMaxBlock = Q4_MAX_BLOCKSIZE;
 
 // at::empty, plus (Linux) a transparent-huge-page hint for outputs of 4 MiB and more, given before
 // the first write: a fresh 32 MiB output otherwise costs 8192 page faults, which on a VM take
@@ -83,31 +84,27 @@ struct Encoder {
   void copy() { for (int k = 0; k < Q4_MAX_THRESHOLDS; ++k) t[k] = cb.threshold[k]; }
 };
 
+// q4_encode in two loops: the ranks (fixed-trip compares, vectorized), then the codes (fp4: a table
+// lookup and the sign bit; nf4/int4: the rank itself). Same function as q4_encode, split so the
+// first loop vectorizes.
 template <bool kFP4>
 inline void encode_pack32(const float* v, Q4Scale s, const Encoder& enc, uint8_t* out) {
-  if (kFP4) {
-    uint8_t code[kSub];
-    for (int i = 0; i < kSub; ++i) {
-      const float xn = q4_scale(v[i], s);
-      code[i] = (uint8_t)q4_count_below(enc.t, xn < 0.0f ? -xn : xn);
-    }
-    for (int i = 0; i < kSub; ++i)
-      code[i] = (uint8_t)(enc.cb.code_of_rank[code[i]] | (v[i] < 0.0f ? 8u : 0u));
-    for (int j = 0; j < kSub / 2; ++j) out[j] = q4_pack(code[2 * j], code[2 * j + 1]);
+#if defined(__AVX2__)
+  if (!kFP4) {
+    encode_pack32_avx2(v, s, enc.tree, out);
     return;
   }
-#if defined(__AVX2__)
-  encode_pack32_avx2(v, s, enc.tree, out);
-#else
-  uint32_t code[kSub];  // 32-bit counts: the compare masks add up without narrowing
-  for (int i = 0; i < kSub; ++i) code[i] = q4_count_below(enc.t, q4_scale(v[i], s));
-  for (int j = 0; j < kSub / 2; ++j) out[j] = q4_pack(code[2 * j], code[2 * j + 1]);
 #endif
+  uint32_t rank[kSub];  // 32-bit counts: the compare masks add up without narrowing
+  for (int i = 0; i < kSub; ++i) rank[i] = q4_encode_rank(enc.t, kFP4, q4_scale(v[i], s));
+  uint8_t code[kSub];
+  for (int i = 0; i < kSub; ++i) code[i] = q4_encode_code(enc.cb, rank[i], v[i]);
+  for (int j = 0; j < kSub / 2; ++j) out[j] = q4_pack(code[2 * j], code[2 * j + 1]);
 }
 
 // Steps 1-6 for one block of `valid` (<= blocksize) elements; `packed` gets ceil(valid / 2) bytes.
-// A short tail block is copied into a zero-padded buffer first (padding encodes to the zero code,
-// which is also the pad nibble of an odd n).
+// A short tail block is copied into a zero-padded buffer first (padding never raises the absmax);
+// an odd n ends with the zero code as its pad nibble (docs/format.md §6).
 template <class Load, bool kFP4>
 void quantize_block(const typename Load::T* x, int64_t valid, int64_t blocksize,
                     const Encoder& enc, uint8_t* packed, float* absmax_out) {
@@ -117,7 +114,8 @@ void quantize_block(const typename Load::T* x, int64_t valid, int64_t blocksize,
     for (int64_t i = 0; i < valid; ++i) buf[i] = Load::f32(x[i]);
     for (int64_t i = valid; i < blocksize; ++i) buf[i] = 0.0f;
     quantize_block<LoadF32, kFP4>(buf, blocksize, blocksize, enc, bytes, absmax_out);
-    for (int64_t j = 0; j < (valid + 1) / 2; ++j) packed[j] = bytes[j];
+    for (int64_t j = 0; j < valid / 2; ++j) packed[j] = bytes[j];
+    if (valid & 1) packed[valid / 2] = q4_pack(bytes[valid / 2] >> 4, enc.cb.zero_code);
     return;
   }
   uint32_t max_bits = 0;
@@ -157,10 +155,8 @@ void quantize_dispatch_type(const at::Tensor& flat, int64_t blocksize, const Q4C
 
 void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::string_view quant_type,
                            at::Tensor& packed, at::Tensor& absmax) {
-  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  check_quantize_out(flat, blocksize, packed, absmax);
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
-  check_out(packed, "packed", ceil_div(flat.numel(), 2), at::kByte, flat);
-  check_out(absmax, "absmax", nblocks, at::kFloat, flat);
   auto* p = packed.data_ptr<uint8_t>();
   auto* a = absmax.data_ptr<float>();
   switch (flat.scalar_type()) {
@@ -170,52 +166,33 @@ void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::strin
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& flat, int64_t blocksize,
-                                                     c10::string_view quant_type) {
-  const int64_t nblocks = check_quantize_args(flat, blocksize);
-  at::Tensor packed = empty_large({ceil_div(flat.numel(), 2)}, flat.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({nblocks}, flat.options().dtype(at::kFloat));
-  quantize_4bit_out_cpu(flat, blocksize, quant_type, packed, absmax);
-  return {packed, absmax};
-}
-
 // ---- double quantization -------------------------------------------------------------------
 // Offset = exact mean: integer exponent bins per chunk (any split gives the same sums), added up,
 // then rounded once by q4_mean_from_bins.
 float exact_mean_cpu(const float* absmax, int64_t count) {
   const int64_t chunk = 1 << 16, nchunks = ceil_div(count, chunk);
-  std::vector<uint64_t> partial(nchunks * 256, 0);
+  std::vector<uint64_t> partial(nchunks * Q4_EXPONENT_BINS, 0);
   parallel_chunks(nchunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      uint64_t* bins = partial.data() + c * 256;
+      uint64_t* bins = partial.data() + c * Q4_EXPONENT_BINS;
       for (int64_t i = c * chunk; i < std::min(count, (c + 1) * chunk); ++i)
         bins[q4_bin_of(absmax[i])] += q4_bin_mantissa(absmax[i]);
     }
   });
-  uint64_t bins[256] = {0};
+  uint64_t bins[Q4_EXPONENT_BINS] = {0};
   for (int64_t c = 0; c < nchunks; ++c)
-    for (int e = 0; e < 256; ++e) bins[e] += partial[c * 256 + e];
-  TORCH_CHECK(bins[255] == 0, "q4lab: absmax contains NaN or Inf; the offset needs finite values");
+    for (int e = 0; e < Q4_EXPONENT_BINS; ++e) bins[e] += partial[c * Q4_EXPONENT_BINS + e];
+  TORCH_CHECK(bins[Q4_EXPONENT_BINS - 1] == 0, "q4lab: absmax contains NaN or Inf; the offset needs finite values");
   return q4_mean_from_bins(bins, (uint64_t)count);
 }
 
 void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::Tensor>& offset,
                              at::Tensor& codes, at::Tensor& absmax2, at::Tensor& offset_out) {
-  check_1d(absmax, "absmax", at::kFloat);
-  const int64_t count = absmax.numel(), ngroups = ceil_div(count, kNestedBlocksize);
-  check_absmax_count(count);
-  check_out(codes, "codes", count, at::kByte, absmax);
-  check_out(absmax2, "absmax2", ngroups, at::kFloat, absmax);
-  check_out(offset_out, "offset", 1, at::kFloat, absmax);
+  const int64_t count = check_quantize_absmax_out(absmax, offset, codes, absmax2, offset_out);
+  const int64_t ngroups = ceil_div(count, kNestedBlocksize);
   const float* a = absmax.data_ptr<float>();
-  float off;
-  if (offset.has_value()) {
-    check_scalar_f32(*offset, "offset");
-    check_same_device(absmax, *offset, "offset");
-    off = offset->contiguous().data_ptr<float>()[0];
-  } else {
-    off = exact_mean_cpu(a, count);
-  }
+  const float off = offset.has_value() ? offset->contiguous().data_ptr<float>()[0]
+                                       : exact_mean_cpu(a, count);
   offset_out.data_ptr<float>()[0] = off;
   const Q4Dynamic dyn = q4_make_dynamic();
   uint8_t* q = codes.data_ptr<uint8_t>();
@@ -237,21 +214,9 @@ void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cpu(
-    const at::Tensor& absmax, const c10::optional<at::Tensor>& offset) {
-  check_1d(absmax, "absmax", at::kFloat);
-  check_absmax_count(absmax.numel());
-  at::Tensor codes = at::empty({absmax.numel()}, absmax.options().dtype(at::kByte));
-  at::Tensor absmax2 = at::empty({ceil_div(absmax.numel(), kNestedBlocksize)}, absmax.options());
-  at::Tensor off = at::empty({}, absmax.options());
-  quantize_absmax_out_cpu(absmax, offset, codes, absmax2, off);
-  return {codes, absmax2, off};
-}
-
 void dequantize_absmax_out_cpu(const at::Tensor& codes, const at::Tensor& absmax2,
                                const at::Tensor& offset, at::Tensor& out) {
-  check_dequantize_absmax_args(codes, absmax2, offset);
-  check_out(out, "out", codes.numel(), at::kFloat, codes);
+  check_dequantize_absmax_out(codes, absmax2, offset, out);
   const Q4Dynamic dyn = q4_make_dynamic();
   const uint8_t* q = codes.data_ptr<uint8_t>();
   const float* a2 = absmax2.data_ptr<float>();
@@ -261,14 +226,6 @@ void dequantize_absmax_out_cpu(const at::Tensor& codes, const at::Tensor& absmax
     for (int64_t i = first; i < last; ++i)
       o[i] = q4_decode_absmax(dyn, q[i], a2[i / kNestedBlocksize], off);
   });
-}
-
-at::Tensor dequantize_absmax_cpu(const at::Tensor& codes, const at::Tensor& absmax2,
-                                 const at::Tensor& offset) {
-  check_dequantize_absmax_args(codes, absmax2, offset);
-  at::Tensor out = at::empty({codes.numel()}, absmax2.options());
-  dequantize_absmax_out_cpu(codes, absmax2, offset, out);
-  return out;
 }
 
 // ---- dequantize ----------------------------------------------------------------------------
@@ -289,9 +246,9 @@ void dequantize_all(const uint8_t* packed, const float* absmax, int64_t blocksiz
   const int64_t nblocks = ceil_div(n, blocksize);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
   parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
-    typename Store::T level[16];
+    typename Store::T level[Q4_CODES];
     for (int64_t b = first; b < last; ++b) {
-      for (int c = 0; c < 16; ++c) level[c] = Store::of(q4_decode(cb, c, absmax[b]));
+      for (int c = 0; c < Q4_CODES; ++c) level[c] = Store::of(q4_decode(cb, c, absmax[b]));
       const int64_t lo = b * blocksize, hi = std::min(n, lo + blocksize);
       const int64_t pairs = (hi - lo) / 2;
       const uint8_t* p = packed + lo / 2;
@@ -311,9 +268,7 @@ void dequantize_all(const uint8_t* packed, const float* absmax, int64_t blocksiz
 
 void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                              c10::string_view quant_type, int64_t n, at::Tensor& out) {
-  check_dequantize_args(packed, absmax, blocksize, n);
-  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
-  check_out(out, "out", n, check_out_dtype(out.scalar_type()), packed);
+  const Q4Codebook cb = check_dequantize_out(packed, absmax, blocksize, quant_type, n, out);
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
   switch (out.scalar_type()) {
@@ -326,13 +281,8 @@ void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
   }
 }
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               c10::string_view quant_type, int64_t n, at::ScalarType dtype) {
-  check_dequantize_args(packed, absmax, blocksize, n);
-  at::Tensor out = empty_large({n}, packed.options().dtype(check_out_dtype(dtype)));
-  dequantize_4bit_out_cpu(packed, absmax, blocksize, quant_type, n, out);
-  return out;
-}
+using CpuOps = Q4Ops<quantize_4bit_out_cpu, quantize_absmax_out_cpu, dequantize_absmax_out_cpu,
+                    dequantize_4bit_out_cpu, empty_large>;
 
 }  // namespace
 
@@ -351,15 +301,6 @@ TORCH_LIBRARY(q4lab, m) {
         "Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(q4lab, CPU, m) {
-  m.impl("quantize_4bit", &quantize_4bit_cpu);
-  m.impl("quantize_4bit_out", &quantize_4bit_out_cpu);
-  m.impl("quantize_absmax", &quantize_absmax_cpu);
-  m.impl("quantize_absmax_out", &quantize_absmax_out_cpu);
-  m.impl("dequantize_absmax", &dequantize_absmax_cpu);
-  m.impl("dequantize_absmax_out", &dequantize_absmax_out_cpu);
-  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
-  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cpu);
-}
+TORCH_LIBRARY_IMPL(q4lab, CPU, m) { CpuOps::register_impls(m); }
 
 }  // namespace q4lab

@@ -17,6 +17,7 @@
 namespace q4lab {
 
 // The binary-search tree of 15 sorted thresholds: node tables for steps 8, 4, 2, 1.
+static_assert(Q4_MAX_THRESHOLDS == 15, "the AVX2 search tree has 4 levels: 15 thresholds");
 struct Q4TreeAvx2 {
   __m256 t8, t4, t2, t1;
   explicit Q4TreeAvx2(const float* t) {

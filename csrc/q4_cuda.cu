@@ -1,13 +1,14 @@
 // q4_cuda.cu: CUDA implementation of the torch.ops.q4lab.* ops (schemas in q4_cpu.cpp).
 //
-// The arithmetic is q4_element.h's, shared with the CPU (DESIGN.md section 4), so the bytes equal
+// The arithmetic is q4_element.h's, shared with the CPU (docs/format.md §1-§8), so the bytes equal
 // q4lab/reference's; the layout is bitsandbytes' (kernels.cu::kQuantizeBlockwise: high nibble
 // first, one float32 absmax per block). Differences from bnb's kernels on purpose: built with
 // --fmad=false --ftz=false --prec-div=true and no --use_fast_math (bnb uses fast-math), absmax is a
 // NaN-propagating max over |x| bits, and the double-quant offset is the exact mean (integer
 // exponent bins, q4_mean_from_bins) instead of torch's float32 mean.
 // Launches: grid-stride loops with 64-bit indices; quantize uses one warp per block of `blocksize`
-// elements (absmax by warp shuffle), double quant one warp per group of 256 blocks.
+// elements (absmax by warp shuffle), double quant one warp per group of Q4_NESTED_BLOCKSIZE blocks.
+// Each op is written once, as its `_out` form; q4_checks.h's Q4Ops (CudaOps) allocates and registers.
 #include <torch/library.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,7 +41,16 @@ __device__ inline uint32_t warp_max_bits(uint32_t m) {
 __device__ inline int64_t global_warp() { return ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp; }
 __device__ inline int64_t warp_count() { return ((int64_t)gridDim.x * blockDim.x) / kWarp; }
 
-// Steps 2-6 (reference/blockwise.py): one warp per block; odd n pads with encode(0) = zero code.
+// The dynamic map into shared memory, by the whole thread block.
+__device__ inline void load_shared(Q4Dynamic& dst, const Q4Dynamic& src) {
+  for (int k = threadIdx.x; k < Q4_DYNAMIC_CODES; k += blockDim.x) {
+    dst.midpoint[k] = src.midpoint[k];
+    dst.value[k] = src.value[k];
+  }
+  __syncthreads();
+}
+
+// Steps 2-6 (reference/blockwise.py): one warp per block; an odd n pads with the zero code.
 template <class Load>
 __global__ void quantize_kernel(const void* x, int64_t n, int64_t blocksize, Q4Codebook cb,
                                 uint8_t* packed, float* absmax) {
@@ -57,41 +67,42 @@ __global__ void quantize_kernel(const void* x, int64_t n, int64_t blocksize, Q4C
     if (lane == 0) absmax[b] = a;
     const Q4Scale s = q4_reciprocal_scale(a);
     for (int64_t j = lo / 2 + lane; j < (hi + 1) / 2; j += kWarp) {
-      const float x0 = Load::f32(x, 2 * j), x1 = 2 * j + 1 < hi ? Load::f32(x, 2 * j + 1) : 0.0f;
-      packed[j] = q4_pack(q4_encode(scb, q4_scale(x0, s), x0), q4_encode(scb, q4_scale(x1, s), x1));
+      const float x0 = Load::f32(x, 2 * j);
+      uint32_t odd = scb.zero_code;
+      if (2 * j + 1 < hi) {
+        const float x1 = Load::f32(x, 2 * j + 1);
+        odd = q4_encode(scb, q4_scale(x1, s), x1);
+      }
+      packed[j] = q4_pack(q4_encode(scb, q4_scale(x0, s), x0), odd);
     }
   }
 }
 
 // Exact mean, part 1 (reference/double_quant.py::exponent_bins): integer sums per exponent.
 __global__ void exponent_bins_kernel(const float* absmax, int64_t count, unsigned long long* bins) {
-  __shared__ unsigned long long local[256];
-  for (int e = threadIdx.x; e < 256; e += blockDim.x) local[e] = 0;
+  __shared__ unsigned long long local[Q4_EXPONENT_BINS];
+  for (int e = threadIdx.x; e < Q4_EXPONENT_BINS; e += blockDim.x) local[e] = 0;
   __syncthreads();
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
        i += (int64_t)gridDim.x * blockDim.x)
     atomicAdd(&local[q4_bin_of(absmax[i])], (unsigned long long)q4_bin_mantissa(absmax[i]));
   __syncthreads();
-  for (int e = threadIdx.x; e < 256; e += blockDim.x)
+  for (int e = threadIdx.x; e < Q4_EXPONENT_BINS; e += blockDim.x)
     if (local[e]) atomicAdd(&bins[e], local[e]);
 }
 
-// Part 2: rounded once. Non-finite absmax (bin 255) gives a NaN offset (the CPU op raises).
+// Part 2: rounded once. Non-finite absmax (the last bin) gives a NaN offset (the CPU op raises).
 __global__ void mean_kernel(const unsigned long long* bins, int64_t count, float* offset) {
-  uint64_t b[256];
-  for (int e = 0; e < 256; ++e) b[e] = bins[e];
-  *offset = b[255] ? q4_float(0x7fc00000u) : q4_mean_from_bins(b, (uint64_t)count);
+  uint64_t b[Q4_EXPONENT_BINS];
+  for (int e = 0; e < Q4_EXPONENT_BINS; ++e) b[e] = bins[e];
+  *offset = b[Q4_EXPONENT_BINS - 1] ? q4_float(0x7fc00000u) : q4_mean_from_bins(b, (uint64_t)count);
 }
 
 // Center, absmax per 256, scale, 8-bit code (reference/double_quant.py::quantize_absmax).
 __global__ void quantize_absmax_kernel(const float* absmax, int64_t count, const float* offset,
                                        Q4Dynamic dyn, uint8_t* codes, float* absmax2) {
   __shared__ Q4Dynamic sdyn;
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) {
-    sdyn.midpoint[k] = dyn.midpoint[k];
-    sdyn.value[k] = dyn.value[k];
-  }
-  __syncthreads();
+  load_shared(sdyn, dyn);
   const int lane = threadIdx.x % kWarp;
   const float off = *offset;
   const int64_t ngroups = ceil_div(count, kNestedBlocksize);
@@ -109,15 +120,12 @@ __global__ void quantize_absmax_kernel(const float* absmax, int64_t count, const
 
 __global__ void dequantize_absmax_kernel(const uint8_t* codes, int64_t count, const float* absmax2,
                                          const float* offset, Q4Dynamic dyn, float* out) {
-  __shared__ float value[256];
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = dyn.value[k];
-  __syncthreads();
+  __shared__ Q4Dynamic sdyn;
+  load_shared(sdyn, dyn);
   const float off = *offset;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < count;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const float scaled = value[codes[i]] * absmax2[i / kNestedBlocksize];
-    out[i] = scaled + off;  // q4_decode_absmax, with the map in shared memory
-  }
+       i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = q4_decode_absmax(sdyn, codes[i], absmax2[i / kNestedBlocksize], off);
 }
 
 struct StoreF32 { __device__ static void at(void* o, int64_t i, float v) { ((float*)o)[i] = v; } };
@@ -149,10 +157,8 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void quantize_4bit_out_cuda(const at::Tensor& flat, int64_t blocksize, c10::string_view quant_type,
                             at::Tensor& packed, at::Tensor& absmax) {
-  const int64_t nblocks = check_quantize_args(flat, blocksize);
+  const int64_t nblocks = check_quantize_out(flat, blocksize, packed, absmax);
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
-  check_out(packed, "packed", ceil_div(flat.numel(), 2), at::kByte, flat);
-  check_out(absmax, "absmax", nblocks, at::kFloat, flat);
   c10::cuda::CUDAGuard guard(flat.device());
   const int64_t grid = grid_for(nblocks * kWarp), n = flat.numel();
   const void* x = flat.data_ptr();
@@ -166,32 +172,17 @@ void quantize_4bit_out_cuda(const at::Tensor& flat, int64_t blocksize, c10::stri
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& flat, int64_t blocksize,
-                                                      c10::string_view quant_type) {
-  const int64_t nblocks = check_quantize_args(flat, blocksize);
-  at::Tensor packed = at::empty({ceil_div(flat.numel(), 2)}, flat.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({nblocks}, flat.options().dtype(at::kFloat));
-  quantize_4bit_out_cuda(flat, blocksize, quant_type, packed, absmax);
-  return {packed, absmax};
-}
-
 void quantize_absmax_out_cuda(const at::Tensor& absmax, const c10::optional<at::Tensor>& offset,
                               at::Tensor& codes, at::Tensor& absmax2, at::Tensor& offset_out) {
-  check_1d(absmax, "absmax", at::kFloat);
-  const int64_t count = absmax.numel(), ngroups = ceil_div(count, kNestedBlocksize);
-  check_absmax_count(count);
-  check_out(codes, "codes", count, at::kByte, absmax);
-  check_out(absmax2, "absmax2", ngroups, at::kFloat, absmax);
-  check_out(offset_out, "offset", 1, at::kFloat, absmax);
+  const int64_t count = check_quantize_absmax_out(absmax, offset, codes, absmax2, offset_out);
+  const int64_t ngroups = ceil_div(count, kNestedBlocksize);
   c10::cuda::CUDAGuard guard(absmax.device());
   const float* a = absmax.data_ptr<float>();
   float* off = offset_out.data_ptr<float>();
   if (offset.has_value()) {
-    check_scalar_f32(*offset, "offset");
-    check_same_device(absmax, *offset, "offset");
     offset_out.copy_(offset->reshape(offset_out.sizes()));
   } else {
-    at::Tensor bins = at::zeros({256}, absmax.options().dtype(at::kLong));
+    at::Tensor bins = at::zeros({Q4_EXPONENT_BINS}, absmax.options().dtype(at::kLong));
     auto* b = reinterpret_cast<unsigned long long*>(bins.data_ptr<int64_t>());
     exponent_bins_kernel<<<grid_for(count), kThreads, 0, stream()>>>(a, count, b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -203,21 +194,9 @@ void quantize_absmax_out_cuda(const at::Tensor& absmax, const c10::optional<at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax_cuda(
-    const at::Tensor& absmax, const c10::optional<at::Tensor>& offset) {
-  check_1d(absmax, "absmax", at::kFloat);
-  check_absmax_count(absmax.numel());
-  at::Tensor codes = at::empty({absmax.numel()}, absmax.options().dtype(at::kByte));
-  at::Tensor absmax2 = at::empty({ceil_div(absmax.numel(), kNestedBlocksize)}, absmax.options());
-  at::Tensor off = at::empty({}, absmax.options());
-  quantize_absmax_out_cuda(absmax, offset, codes, absmax2, off);
-  return {codes, absmax2, off};
-}
-
 void dequantize_absmax_out_cuda(const at::Tensor& codes, const at::Tensor& absmax2,
                                 const at::Tensor& offset, at::Tensor& out) {
-  check_dequantize_absmax_args(codes, absmax2, offset);
-  check_out(out, "out", codes.numel(), at::kFloat, codes);
+  check_dequantize_absmax_out(codes, absmax2, offset, out);
   c10::cuda::CUDAGuard guard(codes.device());
   at::Tensor off = offset.contiguous();
   dequantize_absmax_kernel<<<grid_for(codes.numel()), kThreads, 0, stream()>>>(
@@ -226,19 +205,9 @@ void dequantize_absmax_out_cuda(const at::Tensor& codes, const at::Tensor& absma
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor dequantize_absmax_cuda(const at::Tensor& codes, const at::Tensor& absmax2,
-                                  const at::Tensor& offset) {
-  check_dequantize_absmax_args(codes, absmax2, offset);
-  at::Tensor out = at::empty({codes.numel()}, absmax2.options());
-  dequantize_absmax_out_cuda(codes, absmax2, offset, out);
-  return out;
-}
-
 void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               c10::string_view quant_type, int64_t n, at::Tensor& out) {
-  check_dequantize_args(packed, absmax, blocksize, n);
-  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
-  check_out(out, "out", n, check_out_dtype(out.scalar_type()), packed);
+  const Q4Codebook cb = check_dequantize_out(packed, absmax, blocksize, quant_type, n, out);
   c10::cuda::CUDAGuard guard(packed.device());
   const int64_t grid = grid_for(ceil_div(n, 2));
   const uint8_t* p = packed.data_ptr<uint8_t>();
@@ -252,25 +221,11 @@ void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                c10::string_view quant_type, int64_t n, at::ScalarType dtype) {
-  check_dequantize_args(packed, absmax, blocksize, n);
-  at::Tensor out = at::empty({n}, packed.options().dtype(check_out_dtype(dtype)));
-  dequantize_4bit_out_cuda(packed, absmax, blocksize, quant_type, n, out);
-  return out;
-}
+using CudaOps = Q4Ops<quantize_4bit_out_cuda, quantize_absmax_out_cuda, dequantize_absmax_out_cuda,
+                     dequantize_4bit_out_cuda>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(q4lab, CUDA, m) {
-  m.impl("quantize_4bit", &quantize_4bit_cuda);
-  m.impl("quantize_4bit_out", &quantize_4bit_out_cuda);
-  m.impl("quantize_absmax", &quantize_absmax_cuda);
-  m.impl("quantize_absmax_out", &quantize_absmax_out_cuda);
-  m.impl("dequantize_absmax", &dequantize_absmax_cuda);
-  m.impl("dequantize_absmax_out", &dequantize_absmax_out_cuda);
-  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
-  m.impl("dequantize_4bit_out", &dequantize_4bit_out_cuda);
-}
+TORCH_LIBRARY_IMPL(q4lab, CUDA, m) { CudaOps::register_impls(m); }
 
 }  // namespace q4lab

@@ -1,10 +1,11 @@
 // q4_element.h: the per-element arithmetic of q4lab's 4-bit format, written ONCE for C++ and CUDA.
 //
-// Each function is the C++ twin of one step in q4lab/reference (DESIGN.md section 4):
+// Each function is the C++ twin of one step in q4lab/reference (docs/format.md §1-§8):
 //   reference/blockwise.py     block_absmax        -> q4_abs_bits / q4_max_bits (NaN-propagating)
 //                              reciprocal_scale    -> q4_reciprocal_scale
 //                              scale_blocks        -> q4_scale
-//                              encode/count_below  -> q4_count_below / q4_encode
+//                              encode/count_below  -> q4_count_below / q4_encode (= q4_encode_code
+//                                                     of q4_encode_rank: the two halves of encode)
 //                              pack_nibbles        -> q4_pack
 //                              decode              -> q4_decode
 //   reference/double_quant.py  exponent_bins       -> q4_bin_of / q4_bin_mantissa
@@ -13,6 +14,7 @@
 //                              dequantize_absmax   -> q4_decode_absmax
 //                              non_negative_codes  -> q4_encode_absmax_code
 //   reference/api.py           round_to_bfloat16   -> q4_f32_to_bf16; numpy float16 -> q4_f32_to_f16
+// Constants and tables come from q4_tables.h, GENERATED from q4lab/constants.py and the reference.
 // Storage follows bitsandbytes kernels.cu::kQuantizeBlockwise (high nibble first). Compile without
 // fast-math and without FMA contraction (-ffp-contract=off; nvcc --fmad=false --ftz=false), so that
 // every `*`, `/`, `+` below is one IEEE-754 float32 operation rounded to nearest even.
@@ -28,21 +30,18 @@
 #endif
 
 // ---- bit views --------------------------------------------------------------------------------
-Q4_HOST_DEVICE inline uint32_t q4_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t b; memcpy(&b, &x, 4); return b;
-#endif
+// The same 4 bytes seen as another type (memcpy: defined behaviour, one register move on the host
+// and on the GPU).
+template <class To, class From>
+Q4_HOST_DEVICE inline To q4_bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "a bit view keeps the size");
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
 }
 
-Q4_HOST_DEVICE inline float q4_float(uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float x; memcpy(&x, &b, 4); return x;
-#endif
-}
+Q4_HOST_DEVICE inline uint32_t q4_bits(float x) { return q4_bit_cast<uint32_t>(x); }
+Q4_HOST_DEVICE inline float q4_float(uint32_t b) { return q4_bit_cast<float>(b); }
 
 // ---- step 2: absmax ---------------------------------------------------------------------------
 // |x| as bits. For non-negative floats the unsigned order of the bits is the numeric order, and
@@ -56,7 +55,7 @@ struct Q4Scale { float prescale; float recip; };
 
 Q4_HOST_DEVICE inline Q4Scale q4_reciprocal_scale(float absmax) {
   Q4Scale s;
-  s.prescale = absmax < 0x1p-126f ? 0x1p24f : (absmax >= 0x1p126f ? 0x1p-24f : 1.0f);
+  s.prescale = absmax < Q4_SMALL_ABSMAX ? Q4_UPSCALE : (absmax >= Q4_LARGE_ABSMAX ? Q4_DOWNSCALE : 1.0f);
   s.recip = absmax == 0.0f ? 0.0f : 1.0f / (absmax * s.prescale);  // IEEE division, once
   return s;
 }
@@ -65,15 +64,15 @@ Q4_HOST_DEVICE inline Q4Scale q4_reciprocal_scale(float absmax) {
 Q4_HOST_DEVICE inline float q4_scale(float x, Q4Scale s) { return (x * s.prescale) * s.recip; }
 
 // ---- step 5: encode ---------------------------------------------------------------------------
-#define Q4_MAX_THRESHOLDS 15  // unused slots hold +Inf: `v > +Inf` never counts
+// Q4_MAX_THRESHOLDS (q4_tables.h): unused threshold slots hold +Inf, and `v > +Inf` never counts.
 
 // One quant type's tables as floats, built on the host from q4_tables.h and passed by value
 // (CUDA kernels get it as a launch parameter, so no __constant__ copy of the tables exists).
 struct Q4Codebook {
   float threshold[Q4_MAX_THRESHOLDS];
-  float value[16];        // dequantization table, index = code
-  uint8_t code_of_rank[16];  // fp4: magnitude order; nf4/int4: identity
-  uint8_t zero_code;
+  float value[Q4_CODES];        // dequantization table, index = code
+  uint8_t code_of_rank[Q4_CODES];  // fp4: magnitude order; nf4/int4: identity
+  uint8_t zero_code;               // code of 0.0: the pad nibble of an odd length (format §6)
   uint8_t is_fp4;
 };
 
@@ -84,11 +83,21 @@ Q4_HOST_DEVICE inline uint32_t q4_count_below(const float* t, float v) {
   return count;
 }
 
-// nf4/int4: code = count; fp4: sign from the INPUT x < 0, magnitude = order[count over |xn|].
+// Encode, first half: the rank of xn among the thresholds `t` (a copy of cb.threshold is fine):
+// nf4/int4 count over xn (the rank IS the code), fp4 over |xn|.
+Q4_HOST_DEVICE inline uint32_t q4_encode_rank(const float* t, bool is_fp4, float xn) {
+  return q4_count_below(t, is_fp4 && xn < 0.0f ? -xn : xn);
+}
+
+// Encode, second half: fp4's code is order[rank] plus the sign bit from the INPUT x < 0 (so -0.0
+// has no sign bit); nf4/int4's code is the rank.
+Q4_HOST_DEVICE inline uint8_t q4_encode_code(const Q4Codebook& cb, uint32_t rank, float x) {
+  if (!cb.is_fp4) return (uint8_t)rank;
+  return (uint8_t)(cb.code_of_rank[rank] | (x < 0.0f ? Q4_FP4_SIGN_BIT : 0u));
+}
+
 Q4_HOST_DEVICE inline uint8_t q4_encode(const Q4Codebook& cb, float xn, float x) {
-  if (!cb.is_fp4) return (uint8_t)q4_count_below(cb.threshold, xn);
-  uint32_t rank = q4_count_below(cb.threshold, xn < 0.0f ? -xn : xn);
-  return (uint8_t)(cb.code_of_rank[rank] | (x < 0.0f ? 8u : 0u));
+  return q4_encode_code(cb, q4_encode_rank(cb.threshold, cb.is_fp4, xn), x);
 }
 
 // ---- step 6: pack, element 2j in the high nibble -----------------------------------------------
@@ -138,6 +147,9 @@ Q4_HOST_DEVICE inline float q4_bf16_to_f32(uint16_t h) { return q4_float((uint32
 
 // ---- double quant: exact mean of the absmax values (reference/double_quant.py) ------------------
 // A finite float32 = m * 2^(e - 150) with (e, m) = (E, M | 2^23) for E > 0, (1, M) for subnormals.
+// One bin per biased exponent E = 0 .. 255 (bin 255 holds NaN/Inf).
+#define Q4_EXPONENT_BINS 256
+
 Q4_HOST_DEVICE inline uint32_t q4_bin_of(float v) {
   uint32_t biased = (q4_bits(v) >> 23) & 0xffu;
   return biased > 0 ? biased : 1u;
@@ -152,7 +164,7 @@ Q4_HOST_DEVICE inline uint64_t q4_bin_mantissa(float v) {
 // total = sum_e bins[e] * 2^(e - 1) in units of 2^-149, as little-endian 32-bit limbs.
 Q4_HOST_DEVICE inline void q4_bins_total(const uint64_t* bins, uint32_t* limb) {
   for (int i = 0; i < Q4_LIMBS; ++i) limb[i] = 0;
-  for (int e = 1; e < 256; ++e) {
+  for (int e = 1; e < Q4_EXPONENT_BINS; ++e) {
     if (bins[e] == 0) continue;
     int shift = e - 1, i = shift / 32, bit = shift % 32;
     uint64_t lo = bins[e] << bit, hi = bit ? bins[e] >> (64 - bit) : 0;  // 96-bit addend
@@ -202,8 +214,8 @@ Q4_HOST_DEVICE inline float q4_mean_from_bins(const uint64_t* bins, uint64_t cou
 
 // ---- double quant: 8-bit dynamic code ----------------------------------------------------------
 struct Q4Dynamic {
-  float midpoint[256];  // 255 midpoints, then +Inf
-  float value[256];
+  float midpoint[Q4_DYNAMIC_CODES];  // 255 midpoints, then +Inf
+  float value[Q4_DYNAMIC_CODES];
 };
 
 // Nearest dynamic-map entry: k = #{m < x} by a branchless binary search over the 255 midpoints
@@ -211,13 +223,13 @@ struct Q4Dynamic {
 // CUDA rule).
 Q4_HOST_DEVICE inline uint32_t q4_count_below_dynamic(const Q4Dynamic& dyn, float x) {
   uint32_t k = 0;
-  for (uint32_t step = 128; step > 0; step >>= 1)
+  for (uint32_t step = Q4_DYNAMIC_CODES / 2; step > 0; step >>= 1)
     k += step * (uint32_t)(dyn.midpoint[k + step - 1] < x);  // multiply, not a branch
   return k;
 }
 
 Q4_HOST_DEVICE inline uint8_t q4_dynamic_tie_to_even(const Q4Dynamic& dyn, uint32_t k, float x) {
-  return (uint8_t)(k < 255 && dyn.midpoint[k] == x && (k & 1u) ? k + 1 : k);
+  return (uint8_t)(k < Q4_DYNAMIC_CODES - 1 && dyn.midpoint[k] == x && (k & 1u) ? k + 1 : k);
 }
 
 Q4_HOST_DEVICE inline uint8_t q4_encode_dynamic(const Q4Dynamic& dyn, float x) {
@@ -238,34 +250,33 @@ Q4_HOST_DEVICE inline float q4_decode_absmax(const Q4Dynamic& dyn, uint32_t code
 Q4_HOST_DEVICE inline uint8_t q4_encode_absmax_code(const Q4Dynamic& dyn, float xn, float absmax2,
                                                     float offset) {
   uint32_t code = q4_encode_dynamic(dyn, xn);
-  while (code < 255 && (q4_bits(q4_decode_absmax(dyn, code, absmax2, offset)) >> 31)) ++code;
+  while (code < Q4_DYNAMIC_CODES - 1 && (q4_bits(q4_decode_absmax(dyn, code, absmax2, offset)) >> 31))
+    ++code;
   return (uint8_t)code;
 }
 
 // ---- building the tables from q4_tables.h (host) ----------------------------------------------
-enum Q4QuantType { Q4_NF4 = 0, Q4_FP4 = 1, Q4_INT4 = 2 };
-
+// Q4QuantType (Q4_NF4, Q4_FP4, Q4_INT4) and the per-type tables are generated in q4_tables.h.
 inline Q4Codebook q4_make_codebook(Q4QuantType qt) {
-  const uint32_t* t = qt == Q4_NF4 ? Q4_NF4_THRESHOLD_BITS
-                    : qt == Q4_FP4 ? Q4_FP4_THRESHOLD_BITS : Q4_INT4_THRESHOLD_BITS;
-  int nt = qt == Q4_NF4 ? 15 : qt == Q4_FP4 ? 7 : 14;
-  const uint32_t* v = qt == Q4_NF4 ? Q4_NF4_CODEBOOK_BITS
-                    : qt == Q4_FP4 ? Q4_FP4_CODEBOOK_BITS : Q4_INT4_CODEBOOK_BITS;
+  const uint32_t* t = Q4_THRESHOLD_BITS[qt];
+  const uint32_t* v = Q4_CODEBOOK_BITS[qt];
+  const int nt = Q4_THRESHOLD_COUNT[qt];
+  const int magnitudes = Q4_CODES / 2;  // fp4: 3-bit magnitude codes below the sign bit
   Q4Codebook cb;
   for (int k = 0; k < Q4_MAX_THRESHOLDS; ++k) cb.threshold[k] = q4_float(k < nt ? t[k] : 0x7f800000u);
-  for (int c = 0; c < 16; ++c) {
+  for (int c = 0; c < Q4_CODES; ++c) {
     cb.value[c] = q4_float(v[c]);
-    cb.code_of_rank[c] = (uint8_t)(qt == Q4_FP4 ? (c < 8 ? Q4_FP4_ORDER[c] : 0) : c);
+    cb.code_of_rank[c] = (uint8_t)(qt == Q4_FP4 ? (c < magnitudes ? Q4_FP4_ORDER[c] : 0) : c);
   }
-  cb.zero_code = qt == Q4_NF4 ? Q4_ZERO_CODE_NF4 : qt == Q4_FP4 ? Q4_ZERO_CODE_FP4 : Q4_ZERO_CODE_INT4;
+  cb.zero_code = Q4_ZERO_CODE[qt];
   cb.is_fp4 = qt == Q4_FP4;
   return cb;
 }
 
 inline Q4Dynamic q4_make_dynamic() {
   Q4Dynamic d;
-  for (int k = 0; k < 256; ++k) {
-    d.midpoint[k] = q4_float(k < 255 ? Q4_DYNAMIC_MIDPOINT_BITS[k] : 0x7f800000u);
+  for (int k = 0; k < Q4_DYNAMIC_CODES; ++k) {
+    d.midpoint[k] = q4_float(k < Q4_DYNAMIC_CODES - 1 ? Q4_DYNAMIC_MIDPOINT_BITS[k] : 0x7f800000u);
     d.value[k] = q4_float(Q4_DYNAMIC_MAP_BITS[k]);
   }
   return d;
