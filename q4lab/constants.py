@@ -31,6 +31,11 @@ ZERO_CODES = {"nf4": 0b0111, "fp4": 0b0000, "int4": 0b0111}
 #: FP4's sign bit (§4): set iff the input is < 0.
 FP4_SIGN_BIT = 0b1000
 
+#: Step 3 (§3): blocks whose absmax lies outside [SMALL_ABSMAX, LARGE_ABSMAX) are first scaled by
+#: the exact power of two UPSCALE (subnormal absmax) or DOWNSCALE (huge absmax).
+SMALL_ABSMAX, LARGE_ABSMAX = 2.0**-126, 2.0**126
+UPSCALE, DOWNSCALE = 2.0**24, 2.0**-24
+
 #: Input, output and compute dtypes (§1, §8), and their sizes in bytes.
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import constants
 from ..constants import BLOCKSIZES, FP4_SIGN_BIT  # noqa: F401  (BLOCKSIZES: re-exported)
 from .codebooks import _thresholds, codebook, zero_code
 
 F32 = np.float32
 
-#: Blocks whose absmax lies outside [2^-126, 2^126) are rescaled by an exact power of two first.
-SMALL_ABSMAX, LARGE_ABSMAX = F32(2.0**-126), F32(2.0**126)
-UPSCALE, DOWNSCALE = F32(2.0**24), F32(2.0**-24)
+#: Blocks whose absmax lies outside [2^-126, 2^126) are rescaled by an exact power of two first
+#: (constants.SMALL_ABSMAX ... DOWNSCALE, as float32).
+SMALL_ABSMAX, LARGE_ABSMAX = F32(constants.SMALL_ABSMAX), F32(constants.LARGE_ABSMAX)
+UPSCALE, DOWNSCALE = F32(constants.UPSCALE), F32(constants.DOWNSCALE)
 
 
 def split_blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
