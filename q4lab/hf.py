@@ -387,5 +387,3 @@ def _assign_rest(model, state: dict, directory) -> None:
     if left:
         raise ValueError(f"{directory}: the checkpoint lacks {left[:6]}"
                          f"{' ...' if len(left) > 6 else ''}")
-    for p in model.parameters():
-        p.requires_grad_(False)
