@@ -1,6 +1,28 @@
-"""A real user's view: JupyterLab in Debian's Chromium (Playwright, headless) runs notebook 01,
-a slider is dragged, the plotly figure must change, and after a page reload the figure must still
-show the moved state (plotly FigureWidget state loss, plotly.py issues 4998/4823, DESIGN.md §7).
+"""A real user's view: JupyterLab in Debian's Chromium (Playwright, headless) runs notebook 01 cell by
+cell, the codebook explorer's slider is dragged with the mouse, the plotly figure must change, and
+after the notebook is saved and the page reloaded the figure must show the moved state again
+(plotly FigureWidget state loss, plotly.py issues 4998/4823; widget conventions in
+`docs/architecture.md` §4-5).
+
+Why the reload used to fail ("Error displaying widget: model not found", or a figure that stayed
+empty): every plotly FigureWidget is an anywidget whose state carries plotly's whole 5 MB JavaScript
+bundle (``_esm``), which the page imports once per figure. Two fixed front-end deadlines meet that
+on a CPU-starved machine:
+- anywidget 0.11 gives a model 2 s to import and initialize; after that its ``ready`` promise is
+  rejected for good and every later comm message to the model is dropped (``AnyModel
+  ._handle_comm_msg`` awaits it), so a figure stays at the state it had when it was created;
+- after a reload, jupyterlab-manager asks the kernel for every widget's state in one
+  ``request_states`` message (20 MB for notebook 01's four figures, 15-30 s here under load),
+  gives up after 4 s, asks again widget by widget, and renders outputs from whatever is restored;
+  an output rendered after the restore finished, whose model is not there within ``get_model``'s
+  2 s, shows "model not found" for good (ipywidgets issue 4026).
+The old test created that starvation itself: "Run all" kept the kernel busy while the browser was
+importing the figures' bundles, and the page was reloaded while the kernel was still busy. So this
+test does what a careful user does, and waits for the machine at each step: run a cell, wait until
+its kernel is idle and its widgets are drawn (every figure holds data), drag, wait until the kernel
+is idle again, save, reload, wait until the kernel is idle and the widgets are restored. Every
+uncaught page error and console error is collected and printed with any failure; "model not found"
+or an empty figure is a failure, never an expected one.
 
 Screenshots go to artifacts/browser/ (git-ignored). Skips with the reason if /usr/bin/chromium or
 playwright is missing (install: ``apt-get install -y chromium``).
@@ -24,6 +46,7 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 NOTEBOOK = "01_why_4_bits_and_codebooks.ipynb"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+STEP_TIMEOUT_S = 180
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -38,14 +61,33 @@ FIGURE_JS = """() => {
   const nf4 = gd.data.find(t => t.name === 'NF4');
   return {title: gd.layout.title.text, nf4: nf4 ? Array.from(nf4.x) : null, traces: gd.data.length};
 }"""
-
-
-KERNEL_READY_JS = """async () => {
+KERNEL_JS = """async () => {
   const w = window.jupyterapp.shell.currentWidget;
+  if (!w || !w.sessionContext) return 'no notebook';
   await w.context.ready;
   await w.sessionContext.ready;
   const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
-  return kernel ? kernel.status : 'no kernel';
+  if (!kernel) return 'no kernel';
+  return kernel.connectionStatus === 'connected' ? kernel.status : kernel.connectionStatus;
+}"""
+CODE_CELLS_JS = """() => window.jupyterapp.shell.currentWidget.content.widgets
+  .map((c, i) => [i, c.model.type]).filter(([i, t]) => t === 'code').map(([i]) => i)"""
+RUN_CELL_JS = """async (i) => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  panel.content.activeCellIndex = i;
+  await window.jupyterapp.commands.execute('notebook:run-cell');
+}"""
+# The widgets of cell i (or of the whole notebook): how many outputs still wait for a model, how
+# many failed, and the number of traces of every plotly figure (0 = a figure that never got data).
+WIDGETS_JS = """(i) => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  const root = i === null ? panel.content.node : panel.content.widgets[i].node;
+  const outputs = Array.from(root.querySelectorAll('.jp-OutputArea-output')).map(e => e.innerText);
+  return {
+    loading: outputs.filter(t => t.includes('Loading widget')).length,
+    failed: outputs.filter(t => t.includes('Error displaying widget')).map(t => t.slice(0, 120)),
+    figures: Array.from(root.querySelectorAll('.js-plotly-plot')).map(g => (g.data || []).length),
+  };
 }"""
 OUTPUTS_JS = """() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))
   .map(e => e.innerText).join('\\n')"""
@@ -109,19 +151,47 @@ def wait_for_server(base: str, token: str, proc, logfile: Path, timeout: float =
     raise RuntimeError(f"jupyter lab did not start in {timeout}s: {logfile.read_text()[-2000:]}")
 
 
-def figure_state(page):
-    return page.evaluate(FIGURE_JS)
+class Page:
+    """The Playwright page plus what went wrong in it (uncaught errors, console errors)."""
+
+    def __init__(self, page):
+        self.page, self.errors = page, []
+        page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        page.on("console", lambda m: m.type == "error" and
+                self.errors.append(f"console error: {m.text[:300]}"))
+
+    def evaluate(self, js, arg=None):
+        return self.page.evaluate(js, arg)
+
+    def wait_until(self, predicate, what: str, timeout_s: float = STEP_TIMEOUT_S):
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            value = predicate()
+            if value:
+                return value
+            self.page.wait_for_timeout(250)
+        self.page.screenshot(path=str(ARTIFACTS / "timeout.png"))
+        errors = "\n".join(self.errors[-20:]) or "(no page or console errors)"
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; "
+                             f"widgets: {self.evaluate(WIDGETS_JS, None)}\n{errors}")
+
+    def wait_for_idle_kernel(self, what: str) -> None:
+        self.wait_until(lambda: self.evaluate(KERNEL_JS) == "idle", f"an idle kernel ({what})")
+
+    def wait_for_widgets(self, cell, what: str) -> dict:
+        """Until no output of ``cell`` (None: the whole notebook) waits for its widget model and
+        every plotly figure in it holds data; "model not found" fails at once."""
+        def drawn():
+            state = self.evaluate(WIDGETS_JS, cell)
+            assert not state["failed"], f"{what}: {state['failed']}\n" + "\n".join(self.errors)
+            return state if state["loading"] == 0 and all(state["figures"]) else None
+        return self.wait_until(drawn, f"the widgets of {what} to be drawn with data")
 
 
-def wait_until(page, predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        page.wait_for_timeout(500)
-    page.screenshot(path=str(ARTIFACTS / "timeout.png"))
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+def open_notebook(page: Page) -> None:
+    page.page.wait_for_function(
+        "() => window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
+    page.wait_for_idle_kernel("notebook opened")
 
 
 def test_slider_changes_figure_and_survives_reload(lab):
@@ -130,64 +200,47 @@ def test_slider_changes_figure_and_survives_reload(lab):
     url = f"{base}/lab/workspaces/t{uuid.uuid4().hex[:8]}/tree/{NOTEBOOK}?reset&token={token}"
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')",
-                               timeout=90_000)
-        wait_until(page, lambda: page.evaluate(KERNEL_READY_JS) == "idle", 90, "an idle kernel")
-        dismiss_news_prompt(page)
-        page.evaluate("async () => { await window.jupyterapp.commands.execute("
-                      "'notebook:run-all-cells'); }")
-        wait_until(page, lambda: "01 checks passed" in page.evaluate(OUTPUTS_JS), 240,
-                   "the last cell's output '01 checks passed'")
-        before = wait_until(page, lambda: figure_state(page), 60, "the codebook figure")
-        assert before["title"].startswith("NF4 at offset 0.9677083")
-        page.screenshot(path=str(ARTIFACTS / "01_ran.png"), full_page=True)
+        page = Page(browser.new_page(viewport={"width": 1400, "height": 1000}))
+        page.page.goto(url)
+        open_notebook(page)
+        dismiss_news_prompt(page.page)
+        for i in page.evaluate(CODE_CELLS_JS):
+            page.evaluate(RUN_CELL_JS, i)
+            page.wait_for_idle_kernel(f"cell {i} ran")
+            page.wait_for_widgets(i, f"cell {i}")
+        assert "01 checks passed" in page.evaluate(OUTPUTS_JS), "notebook 01's closing check"
+        before = page.wait_until(lambda: figure_state(page), "the codebook figure")
+        assert before["title"].startswith("NF4 at offset 0.9677083") and before["nf4"], before
+        page.page.screenshot(path=str(ARTIFACTS / "01_ran.png"))
 
-        drag_offset_slider(page)
-        after = wait_until(page, lambda: (s := figure_state(page)) and s["nf4"] != before["nf4"]
-                           and s["title"] != before["title"] and s, 60,
-                           "the figure's levels and title to change after the drag")
-        assert len(after["nf4"]) == 16 and "differs from the shipped" in after["title"]
-        page.wait_for_timeout(1000)  # let the last comm messages land before saving
+        drag_offset_slider(page.page)
+        after = page.wait_until(lambda: (s := figure_state(page)) and s["nf4"] != before["nf4"]
+                                and s["title"] != before["title"] and s,
+                                "the figure's levels and title to change after the drag")
+        assert len(after["nf4"]) == 16 and "differs from the shipped" in after["title"], after
+        page.wait_for_idle_kernel("the drag was handled")
+        assert figure_state(page) == after, "the figure changed again after the kernel went idle"
+        screenshot_figure(page.page, "02_figure_after_drag.png")
         # JupyterLab keeps outputs only in a saved notebook: save, then reload the page. The widget
         # views in the saved outputs reconnect to the still-running kernel's widget models.
         page.evaluate("async () => { await window.jupyterapp.commands.execute('docmanager:save'); }")
-        saved = root / NOTEBOOK
-        wait_until(page, lambda: "01 checks passed" in saved_outputs(saved), 30,
-                   "the saved notebook on disk to hold the outputs")
-        screenshot_figure(page, "02_figure_after_drag.png")
+        page.wait_until(lambda: "01 checks passed" in saved_outputs(root / NOTEBOOK),
+                        "the saved notebook on disk to hold the outputs")
 
-        reloaded = reload_and_find_figure(page)
-        screenshot_figure(page, "03_figure_after_reload.png")
+        page.page.reload()
+        open_notebook(page)
+        page.wait_for_widgets(None, "the reloaded notebook")
+        reloaded = page.wait_until(lambda: figure_state(page), "the figure after the reload")
+        screenshot_figure(page.page, "03_figure_after_reload.png")
         assert reloaded["nf4"] == after["nf4"], "figure state lost on reload"
         assert reloaded["title"] == after["title"]
+        model_errors = [e for e in page.errors if "anywidget" in e or "model not found" in e]
+        print(f"browser: {len(page.errors)} console/page errors, widget-related: {model_errors}")
         browser.close()
 
 
-MODEL_NOT_FOUND_JS = """() => document.body.innerText.includes('Error displaying widget: model not found')"""
-
-
-def reload_and_find_figure(page):
-    """Reload the page and return the figure's state. ipywidgets restores the widget models from
-    the running kernel after a reload; on a CPU-starved machine that restore can lose the race with
-    the output renderer, which then shows "Error displaying widget: model not found" (a JupyterLab
-    timing issue, not lost state). That one symptom gets one more reload; anything else fails."""
-    for attempt in range(2):
-        page.reload()
-        page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')",
-                               timeout=90_000)
-        found = wait_until(page, lambda: figure_state(page) or page.evaluate(MODEL_NOT_FOUND_JS),
-                           90, "the figure after reload (never found: its title and data were lost)")
-        if isinstance(found, dict):
-            return found
-        print(f"reload {attempt + 1}: ipywidgets reported 'model not found'; reloading again")
-    # Seen only when the whole suite runs through .ci/run (in isolation, after the binder and bnb
-    # tests, with CI=true, in the CI venv, it passes): ipywidgets' kernel-side restore fails, so
-    # nothing about the figure's state can be checked. Reported as an expected failure with the
-    # symptom, never as a pass; a figure that IS found with other data still fails above.
-    pytest.xfail("after reload ipywidgets could not restore the widget models from the kernel "
-                 "('model not found'); the figure's state could not be checked")
+def figure_state(page: Page):
+    return page.evaluate(FIGURE_JS)
 
 
 def screenshot_figure(page, name: str) -> None:
