@@ -4,7 +4,7 @@ clicked with the mouse, and the "perplexity vs bits/param" scatter must gain a p
 anywhere in the page (no traceback, no widget that failed to display, no uncaught page error).
 
 Screenshots go to artifacts/browser/ (git-ignored): quality_lab_1_opened.png,
-quality_lab_2_after_fp4.png, quality_lab_3_scatter.png. Skips with the reason if /usr/bin/chromium
+quality_lab_2_after_fp4.png, quality_lab_3_scatter.png, quality_lab_4_widget.png. Skips with the reason if /usr/bin/chromium
 or playwright is missing (install: ``apt-get install -y chromium``). The set-up follows
 tests/test_browser.py (a private JupyterLab on a free port with a random token, a fresh workspace);
 widget conventions: ``docs/architecture.md`` §4-5.
@@ -130,7 +130,7 @@ def test_fp4_button_adds_a_point_without_errors(lab_server):
     uncaught = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 1100})
+        page = browser.new_page(viewport={"width": 1300, "height": 1700})  # the whole lab fits
         page.on("pageerror", lambda exc: uncaught.append(str(exc)))
         page.goto(url)
         page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')",
@@ -160,6 +160,9 @@ def test_fp4_button_adds_a_point_without_errors(lab_server):
                    .__str__(), 60, "the readout to show FP4+DQ/64")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "quality_lab_2_after_fp4.png"), full_page=True)
+        widget = page.locator(".jp-OutputArea-output", has=page.locator(".js-plotly-plot")).first
+        widget.scroll_into_view_if_needed()
+        widget.screenshot(path=str(ARTIFACTS / "quality_lab_4_widget.png"))
         fig = page.locator(".js-plotly-plot", has_text="perplexity vs bits/param").first
         fig.scroll_into_view_if_needed()
         fig.screenshot(path=str(ARTIFACTS / "quality_lab_3_scatter.png"))
