@@ -258,6 +258,8 @@ def test_bad_input_is_refused(lab):
     with pytest.raises(TypeError, match="unknown controls"):
         lab.set(codebook="nf4")
     assert lab.config == cfg
+    assert lab.set(compute_dtype=torch.bfloat16)["label"].endswith(" bf16")  # a torch dtype works
+    assert lab.compute_dtype.value == "bfloat16"
     with pytest.raises(ValueError, match="both model and tokenizer"):
         widgets.quality_lab(model=lab.model)
     with pytest.raises(ValueError, match="at least 2"):

@@ -73,11 +73,11 @@ def label_positions(points, labels, xrange, yrange, order=None, width: float = 7
 class QualityLab(WidgetBase):
     """Drive it from Python: ``quant_type`` / ``blocksize`` / ``double_quant`` / ``layers`` /
     ``lm_head`` / ``compute_dtype`` ``.value`` (each change evaluates once), or ``set(**changes)``
-    for several at one evaluation; ``run_paper_table()``, ``sweep(configs)``;
-    ``compute_sensitivity()``. Read
-    ``current`` (the shown record: perplexity, bits_per_param, model_bytes, continuation, ...),
-    ``history`` (every configuration evaluated, in order), ``float_record``, ``fig.data`` (the
-    scatter) and ``sensitivity_fig.data`` (the heatmap)."""
+    for several at one evaluation; ``run_paper_table()``, ``sweep(configs)``,
+    ``compute_sensitivity()``. Read ``current`` (the shown record: perplexity, bits_per_param,
+    model_bytes, continuation, ...), ``history`` (every configuration evaluated, in order),
+    ``results`` (by config), ``float_record``, ``fig.data`` (the scatter) and
+    ``sensitivity_fig.data`` (the heatmap)."""
 
     def __init__(self, model=None, tokenizer=None, text=None, tokens: int = 1024,
                  prompt: str = Q.PROMPT, new_tokens: int = 12, config: Q.LabConfig | None = None):
@@ -97,6 +97,8 @@ class QualityLab(WidgetBase):
         self.params = Q.count_params(model)
         Q.linear_layers(model)  # a model that is already 4-bit is refused here
         cfg = Q.LabConfig() if config is None else config
+        if not isinstance(cfg, Q.LabConfig):
+            raise TypeError(f"config must be a q4lab.quality.LabConfig, got {type(cfg).__name__}")
         self.results: dict = {}      # LabConfig -> record
         self.history: list = []      # records in the order they were first evaluated
         self.sensitivity = None
@@ -162,11 +164,11 @@ class QualityLab(WidgetBase):
         unknown = sorted(set(changes) - set(names))
         if unknown:
             raise TypeError(f"unknown controls {unknown}; the controls are {list(names)}")
-        self.config.replace(**changes)  # checks every value before any control moves
+        new = self.config.replace(**changes)  # checks every value before any control moves
         self._hold = True
         try:
-            for k, v in changes.items():
-                getattr(self, k).value = v
+            for k in changes:
+                getattr(self, k).value = getattr(new, k)
         finally:
             self._hold = False
         self.update()
