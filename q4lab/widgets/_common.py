@@ -26,7 +26,10 @@ def new_figure(**layout):
     """A plotly FigureWidget with q4lab's default look (imported lazily: plotly is slow to load)."""
     import plotly.graph_objects as go
 
-    base = dict(template="plotly_white", height=380, margin=dict(l=60, r=20, t=50, b=50))
+    base = dict(template="plotly_white", height=380, margin=dict(l=60, r=20, t=80, b=50),
+                title=dict(font=dict(size=15)),
+                legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left",
+                            traceorder="normal"))
     base.update(layout)
     return go.FigureWidget(layout=base)
 
@@ -68,16 +71,26 @@ def log_ticks(lo: float, hi: float) -> dict:
     """Axis properties for a log axis spanning [lo, hi] with readable labels: ticks at 1, 2 and 5
     times each power of ten, each written out in full ("0.05", "0.1", "20", "1k"), instead of
     plotly's default minor labels ("5, 2, 1000, 5, 2, 100", which read as nonsense). Spans over
-    more than three decades get only the powers of ten."""
+    more than three decades get only the powers of ten; a span too narrow for three of those ticks
+    gets 1, 1.5, 2, 3, ... 9 times each power, and failing that evenly spaced round values."""
     lo, hi = float(lo), float(hi)
     if not (lo > 0 and hi >= lo and np.isfinite(hi)):
         raise ValueError(f"a log axis needs 0 < lo <= hi < inf, got lo={lo}, hi={hi}")
     first, last = int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi)))
-    mults = (1,) if last - first > 3 else (1, 2, 5)
-    vals = [m * 10.0 ** e for e in range(first, last + 1) for m in mults]
-    vals = [v for v in vals if lo / 1.0001 <= v <= hi * 1.0001] or [10.0 ** first]
+    vals = []
+    for mults in ((1,) if last - first > 3 else (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        vals = [float(f"{m * 10.0 ** e:.12g}") for e in range(first, last + 1) for m in mults]
+        vals = [v for v in vals if lo / 1.0001 <= v <= hi * 1.0001]
+        if len(vals) >= 3:
+            break
+    if len(vals) < 3 and hi > lo:
+        raw = (hi - lo) / 4
+        mag = 10.0 ** np.floor(np.log10(raw))
+        step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+        vals = [float(f"{v:.12g}") for v in np.arange(np.ceil(lo / step) * step, hi * 1.0001, step)]
+    vals = vals or [lo]
     return dict(type="log", tickvals=vals, ticktext=[_tick_text(v) for v in vals],
-                range=[np.log10(lo) - 0.05, np.log10(hi) + 0.05])
+                range=[float(np.log10(lo)) - 0.05, float(np.log10(hi)) + 0.05])
 
 
 def _tick_text(v: float) -> str:

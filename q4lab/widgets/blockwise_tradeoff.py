@@ -62,9 +62,9 @@ def outlier_figure(rows: list[dict], blocksize: int = 64):
                   ("per_tensor_db", "one absmax per tensor", "#d62728", "x"))]
     worst = min(rows, key=lambda r: r["per_tensor_db"])
     redraw(fig, traces,
-           f"{len(rows)} layers: one scale per tensor falls to {worst['per_tensor_db']:.1f} dB "
-           f"where max|w| = {worst['peak']:.0f}σ; blocks stay at "
-           f"{min(r['blockwise_db'] for r in rows):.1f}-{max(r['blockwise_db'] for r in rows):.1f} dB",
+           f"{len(rows)} layers: one scale per tensor down to {worst['per_tensor_db']:.1f} dB, "
+           f"blocks {min(r['blockwise_db'] for r in rows):.1f}-"
+           f"{max(r['blockwise_db'] for r in rows):.1f} dB",
            xaxis=dict(log_ticks(min(peak), max(peak)),
                       title=dict(text="largest |weight| / σ of the layer (log scale)")))
     return fig
@@ -99,8 +99,10 @@ def tradeoff_summary(rows: list[dict]) -> dict:
 
 
 def tradeoff_figure(rows: list[dict], title: str = ""):
-    """Median SQNR over layers against bits/param (one point per blocksize, labelled), with the
-    range over layers as error bars, for double quantization on and off."""
+    """Median SQNR over layers against the side-information bits per parameter (bits/param − 4:
+    absmax, nested absmax, offset) on a log axis, one point per blocksize (labelled), the range
+    over layers as error bars, for double quantization on and off. Each halving of the blocksize
+    doubles the side information, so the points are evenly spaced."""
     import plotly.graph_objects as go
 
     summary = tradeoff_summary(rows)
@@ -111,7 +113,7 @@ def tradeoff_figure(rows: list[dict], title: str = ""):
         pts = summary[dq]
         bs = list(pts)
         traces.append(go.Scatter(
-            x=[pts[b]["bits"] for b in bs], y=[pts[b]["median"] for b in bs],
+            x=[pts[b]["bits"] - 4 for b in bs], y=[pts[b]["median"] for b in bs],
             mode="lines+markers+text", text=[str(b) for b in bs],
             textposition="top right" if dq else "bottom left", marker_color=color,
             name="NF4 + double quant" if dq else "NF4 (float32 absmax)",
@@ -119,8 +121,12 @@ def tradeoff_figure(rows: list[dict], title: str = ""):
                          array=[pts[b]["max"] - pts[b]["median"] for b in bs],
                          arrayminus=[pts[b]["median"] - pts[b]["min"] for b in bs],
                          thickness=1, width=3),
-            hovertemplate="blocksize %{text}: %{x:.4f} bits, median %{y:.2f} dB<extra></extra>"))
-    fig = new_figure(height=400, xaxis_title="bits per parameter stored",
-                     yaxis_title="SQNR (dB): median over layers, bars = min..max")
-    redraw(fig, traces, title or "blocksize trade-off: each point is a blocksize (labelled)")
+            hovertemplate="blocksize %{text}: 4 + %{x:.4f} bits, median %{y:.2f} dB"
+                          "<extra></extra>"))
+    extra = [r["bits_per_param"] - 4 for r in rows]
+    fig = new_figure(height=420, yaxis_title="SQNR (dB): median over layers, bars = min..max")
+    redraw(fig, traces, title or "blocksize trade-off: each point is a blocksize (labelled)",
+           xaxis=dict(log_ticks(min(extra) * 0.8, max(extra) * 1.25),
+                      title=dict(text="bits per parameter beyond the 4-bit codes (log scale): "
+                                      "absmax + nested absmax + offset")))
     return fig

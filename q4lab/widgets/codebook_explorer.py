@@ -55,12 +55,12 @@ class CodebookExplorer(WidgetBase):
                                     style={"description_width": "90px"})
         self.show_fp4 = W.Checkbox(value=True, description="FP4 levels")
         self.show_int4 = W.Checkbox(value=True, description="uniform INT4 levels")
-        self.reset = W.Button(description="bnb offset 0.9677083")
+        self.reset = W.Button(description="bnb offset 0.9677083", layout=W.Layout(width="200px"))
         self.steps = W.HTML()
         self.fig = new_figure(title="4-bit codebooks over the normal density",
                               xaxis_title="normalized weight (w / absmax)",
                               yaxis_title="density", height=500,
-                              legend=dict(orientation="h", y=-0.18))
+                              legend=dict(orientation="h", yanchor="top", y=-0.18))
         for w in (self.offset, self.show_fp4, self.show_int4):
             w.observe(lambda _change: self.update(), names="value")
         self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))
@@ -107,9 +107,9 @@ class CodebookExplorer(WidgetBase):
                                  name="rounding boundaries (midpoints)", hoverinfo="skip"))
         traces.append(self._levels_trace("NF4", d["levels"], 0.0, "#1f77b4"))
         if self.show_fp4.value:
-            traces.append(self._levels_trace("FP4", np.sort(ref.fp4_codebook()), -0.03, "#d62728"))
+            traces.append(self._levels_trace("FP4", np.sort(ref.fp4_codebook()), -0.07, "#d62728"))
         if self.show_int4.value:
-            traces.append(self._levels_trace("INT4 (uniform)", ref.int4_codebook()[:15], -0.06,
+            traces.append(self._levels_trace("INT4 (uniform)", ref.int4_codebook()[:15], -0.14,
                                              "#2ca02c"))
         return traces
 

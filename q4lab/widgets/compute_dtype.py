@@ -19,6 +19,7 @@ from ._common import WidgetBase, hint, html_table, linear_weights, log_ticks, ne
 #: Explicit stored mantissa (fraction) bits and exponent bits of each format (IEEE 754 binary32,
 #: binary16; bfloat16 = the top 16 bits of binary32).
 BITS = {"float32": (8, 23), "float16": (5, 10), "bfloat16": (8, 7)}
+COLORS = {"float32": "#7f7f7f", "float16": "#1f77b4", "bfloat16": "#ff7f0e", "quant": "#9467bd"}
 
 
 def dtype_table() -> list[dict]:
@@ -105,7 +106,7 @@ def speed_figure(times: dict, title: str):
     text = [f"{v['gflops']:.0f}" + (f" ({base / v['seconds']:.1f}× fp32)" if base else "")
             for v in times.values()]
     redraw(fig, [go.Bar(x=list(times), y=[v["gflops"] for v in times.values()], text=text,
-                        textposition="outside", marker_color=["#7f7f7f", "#1f77b4", "#ff7f0e"])],
+                        textposition="outside", marker_color=[COLORS[d] for d in times])],
            title, yaxis_range=[0, 1.2 * max(v["gflops"] for v in times.values())])
     return fig
 
@@ -151,9 +152,9 @@ class ComputeDtypeExplorer(WidgetBase):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
             self.layer, self.dtype, self.fig,
-            hint("<b>Try this:</b> switch between float16 and bfloat16. <b>Look for:</b> the "
-                 "orange histogram (what the compute dtype adds) is far narrower than the blue one "
-                 "(what 4 bits cost) either way; bfloat16's is wider than float16's (7 vs 10 "
+            hint("<b>Try this:</b> switch between float16 and bfloat16. <b>Look for:</b> what the "
+                 "compute dtype adds (blue for float16, orange for bfloat16) is far narrower than "
+                 "what 4 bits cost (purple) either way; bfloat16's is wider than float16's (7 vs 10 "
                  "mantissa bits), but bfloat16 keeps float32's range."),
             self.readout])
         self.update()
@@ -167,8 +168,10 @@ class ComputeDtypeExplorer(WidgetBase):
         centres = (edges[:-1] + edges[1:]) / 2
         counts = {k: np.histogram(self.errors[k], edges)[0] for k in self.errors}
         bars = [go.Bar(x=centres, y=np.where(counts[k] > 0, counts[k], None), name=label,
-                       opacity=0.6) for k, label in (("quant", "4-bit weight (fp32 compute)"),
-                                                     ("compute", f"{self.dtype.value} compute"))]
+                       opacity=0.65, marker_color=color)
+                for k, label, color in (("quant", "4-bit weight (fp32 compute)", COLORS["quant"]),
+                                        ("compute", f"{self.dtype.value} compute",
+                                         COLORS[self.dtype.value]))]
         top = max(int(c.max()) for c in counts.values())
         redraw(self.fig, bars, f"{self.layer.value}: compute dtype {self.dtype.value}",
                yaxis=dict(log_ticks(1, max(top, 10)), title=dict(text="count (log scale)")))

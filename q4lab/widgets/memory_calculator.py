@@ -121,14 +121,15 @@ def model_memory(arch: Arch | str, blocksize: int = 64, double_quant: bool = Tru
     return out
 
 
-WHOLE_LABELS = {"linear": "linear layers", "embed": "embeddings (16-bit)",
+WHOLE_LABELS = {"linear": "linear layers (16-bit / 4-bit)", "embed": "embeddings (16-bit)",
                 "lm_head": "lm_head (16-bit)", "norms": "norms (16-bit)",
                 "kv": "KV cache (16-bit)", "runtime": "runtime allowance"}
 
 
 #: The look of the bits-per-parameter figure (used by the calculator and by notebooks 04 and 06).
 BITS_LAYOUT = dict(barmode="stack", height=280, xaxis_title="bits per parameter",
-                   margin=dict(l=230, r=30, t=50, b=40), legend=dict(orientation="h", y=-0.4),
+                   margin=dict(l=230, r=30, t=50, b=40),
+                   legend=dict(orientation="h", yanchor="top", y=-0.4, traceorder="normal"),
                    yaxis=dict(autorange="reversed"))
 
 
@@ -147,7 +148,7 @@ def bits_bar(blocksize: int = 64, numel: int = 4096 * 4096) -> tuple[list, dict,
     traces = []
     for part in PARTS:
         x = [bits[k].get(part, 0.0) for k in rows]
-        text = [_part_text(part, v) if v > 0.06 else "" for v in x]
+        text = [f"{v:g}" if v > 0.3 else "" for v in x]      # only where it fits
         traces.append(go.Bar(y=list(rows.values()), x=x, orientation="h", name=LABELS[part],
                              marker_color=COLORS[part], text=text, textposition="inside",
                              insidetextanchor="middle", textangle=0,
@@ -156,7 +157,8 @@ def bits_bar(blocksize: int = 64, numel: int = 4096 * 4096) -> tuple[list, dict,
     right = max(6.2, totals["plain"] * 1.25)
     ann = [dict(x=totals["dq"], y=rows["dq"], axref="x", ayref="y", ax=totals["dq"] + 0.55,
                 ay=rows["dq"], showarrow=True, arrowhead=2, arrowwidth=1.2, xanchor="left",
-                text=f"nested absmax {nested:.5f}<br>+ offset {offset:.1e} bits",
+                text=f"absmax codes {bits['dq']['absmax']:.3f}<br>+ nested absmax {nested:.5f}"
+                     f"<br>+ offset {offset:.1e} bits",
                 font=dict(size=11), align="left"),
            dict(x=totals["plain"] + 0.05, y=0.5, yref="y", xanchor="left", showarrow=False,
                 text=f"saving {totals['plain'] - totals['dq']:.3f} bits/param",
@@ -171,10 +173,6 @@ def bits_figure(blocksize: int = 64, numel: int = 4096 * 4096, title: str | None
     redraw(fig, traces, title or f"bits per parameter of a {numel:,}-value NF4 tensor, "
                                  f"blocksize {blocksize}", **layout)
     return fig
-
-
-def _part_text(part: str, v: float) -> str:
-    return f"codes {v:g}" if part == "packed" else f"{LABELS[part]} {v:.3g}"
 
 
 class MemoryCalculator(WidgetBase):
@@ -199,7 +197,8 @@ class MemoryCalculator(WidgetBase):
         self.fig = new_figure(**BITS_LAYOUT)
         self.gb_fig = new_figure(barmode="stack", height=320, xaxis_title="GB on the GPU",
                                  margin=dict(l=150, r=30, t=50, b=40),
-                                 legend=dict(orientation="h", y=-0.3),
+                                 legend=dict(orientation="h", yanchor="top", y=-0.3,
+                                             traceorder="normal"),
                                  yaxis=dict(autorange="reversed"))
         for w in (self.model, self.blocksize, self.double_quant, self.gpu, self.context,
                   self.batch, self.runtime):
@@ -207,9 +206,10 @@ class MemoryCalculator(WidgetBase):
         self.widget = W.VBox([
             W.HBox([self.model, self.gpu]), W.HBox([self.blocksize, self.double_quant]),
             W.HBox([self.context, self.batch, self.runtime]), self.fig, self.gb_fig,
-            hint("<b>Try this:</b> switch to LLaMA-65B on a 48 GB GPU, then raise the context "
-                 "to 16384. <b>Look for:</b> 4.5 vs 4.127 bits side by side, and how much of the "
-                 "GPU the 16-bit embeddings and the KV cache take once the weights are 4-bit."),
+            hint("<b>Try this:</b> raise the context to 16384, then pick Llama-2-70B; untick "
+                 "double quant. <b>Look for:</b> 4.5 vs 4.127 bits side by side; once the weights "
+                 "are 4-bit the KV cache (grey) decides whether a long context fits, and "
+                 "Llama-2-70B's 8 KV heads make it 8× smaller than LLaMA-65B's 64."),
             self.readout])
         self.update()
 
@@ -250,8 +250,8 @@ class MemoryCalculator(WidgetBase):
                f"16-bit; 4-bit {'fits' if fits else 'does NOT fit'} a {gpu} GB GPU (dashed)",
                shapes=[dict(type="line", x0=gpu, x1=gpu, y0=-0.5, y1=1.5,
                             line=dict(dash="dash", color="#b00" if not fits else "#333"))],
-               annotations=[dict(x=r[k] , y=row, text=f"{r[k]:.1f} GB", showarrow=False,
-                                 xanchor="left", xshift=4)
+               annotations=[dict(x=max(r[k], gpu), y=row, text=f"{r[k]:.1f} GB", showarrow=False,
+                                 xanchor="left", xshift=6)
                             for k, row in (("fp16_gb", rows[0]), ("q4_gb", rows[1]))])
 
     def _html(self, r: dict) -> str:

@@ -72,6 +72,12 @@ def _quantized_row(name, module, original) -> dict:
     return row
 
 
+def _two_lines(label: str) -> str:
+    """'self_attn.q_proj' -> 'self_attn<br>q_proj': long tick labels break at their last dot."""
+    head, dot, tail = label.rpartition(".")
+    return f"{head}<br>{tail}" if dot and len(label) > 10 else label
+
+
 def _fmt(v: float, metric: str) -> str:
     if not np.isfinite(v):
         return "n/a"
@@ -141,6 +147,7 @@ class ModelDashboard(WidgetBase):
         self.double_quant = W.Checkbox(value=double_quant, description="double quant",
                                        disabled=self.is_quantized)
         self.table = W.HTML()
+        self.table_box = W.Accordion(children=[self.table], selected_index=None)
         self.fig = new_figure(height=460, margin=dict(l=80, r=20, t=60, b=90))
         self.metric.observe(lambda _c: self.redraw(), names="value")
         for w in (self.quant_type, self.blocksize, self.double_quant):
@@ -151,7 +158,7 @@ class ModelDashboard(WidgetBase):
                  + ("" if self.is_quantized else ", and the blocksize from 64 to 4096") +
                  ". <b>Look for:</b> the colour bar's range: every layer sits within a few dB of "
                  "the others, so a dark cell is only slightly worse, not broken."),
-            self.table])
+            self.table_box])
         self.update()
 
     def update(self) -> None:
@@ -180,9 +187,11 @@ class ModelDashboard(WidgetBase):
             f"{self.quant_type.value}, blocksize {self.blocksize.value}")
         redraw(self.fig, [heat], f"{METRICS[metric]} per layer ({source}): {spread}",
                xaxis=dict(title=dict(text=f"layer kind ({prefix}…)" if prefix else "layer"),
-                          tickangle=0 if len(xlabels) <= 8 else -30, automargin=True),
+                          tickangle=0 if len(xlabels) <= 8 else -30, automargin=True,
+                          tickvals=xlabels, ticktext=[_two_lines(x) for x in xlabels]),
                yaxis=dict(autorange="reversed", title=dict(text="transformer block")))
         self.table.value = self._html()
+        self.table_box.set_title(0, f"table: all {len(self.rows)} layers (click to open)")
 
     def _html(self) -> str:
         def fmt(v, spec):

@@ -82,8 +82,9 @@ class NormalPremise(WidgetBase):
         self.blocksize = W.SelectionSlider(options=BLOCKSIZES, value=blocksize,
                                            description="blocksize", continuous_update=False)
         self.readout = W.HTML()
-        self.fig = new_figure(height=360, xaxis_title="value / absmax of its block",
-                              yaxis_title="density", barmode="overlay")
+        self.fig = new_figure(height=390, xaxis_title="value / absmax of its block",
+                              yaxis_title="density", barmode="overlay",
+                              margin=dict(l=60, r=20, t=105, b=50))
         self.usage_fig = new_figure(height=320, xaxis_title="NF4 code (level)",
                                     yaxis_title="% of values", barmode="group")
         for w in (self.layer, self.blocksize):
@@ -128,20 +129,21 @@ class NormalPremise(WidgetBase):
             go.Scatter(x=levels, y=np.zeros(16), mode="markers", name="NF4 levels",
                        marker=dict(symbol="line-ns-open", size=14, color="#333"))]
         redraw(self.fig, traces,
-               f"{label}: median absmax = {self.ratio['data']:.2f}σ at blocksize {bs} "
-               f"(NF4 assumes {s:.3f}σ)")
+               f"blocksize {bs}: median absmax = {self.ratio['data']:.2f}σ "
+               f"(NF4's table assumes {s:.3f}σ)")
         pct = {k: 100 * v for k, v in self.usage.items()}
         bars = [go.Bar(x=[f"{v:+.2f}" for v in levels], y=pct["data"], name=label,
                        marker_color="#1f77b4"),
                 go.Bar(x=[f"{v:+.2f}" for v in levels], y=pct["normal"], name="N(0, 1) data",
                        marker_color="#7f7f7f")]
         redraw(self.usage_fig, bars,
-               f"code usage: {pct['data'].min():.1f}-{pct['data'].max():.1f} % "
-               f"(entropy {self.entropy['data']:.2f} bits); N(0, 1): "
-               f"{pct['normal'].min():.1f}-{pct['normal'].max():.1f} % "
-               f"({self.entropy['normal']:.2f} bits); equal use = 6.25 % (dashed)",
+               f"code usage {pct['data'].min():.1f}-{pct['data'].max():.1f} %, entropy "
+               f"{self.entropy['data']:.2f} of 4 bits (N(0, 1): {self.entropy['normal']:.2f})",
                shapes=[dict(type="line", xref="paper", x0=0, x1=1, y0=6.25, y1=6.25,
-                            line=dict(dash="dash", color="#333"))])
+                            line=dict(dash="dash", color="#333"))],
+               annotations=[dict(xref="paper", x=1, y=6.25, yshift=8, xanchor="right",
+                                 showarrow=False, text="equal use: 6.25 %")],
+               xaxis=dict(tickangle=-45, title=dict(text="NF4 code (its level)")))
         rows = [(label, f"{self.ratio['data']:.3f}", f"{self.entropy['data']:.3f}",
                  f"{pct['data'].min():.2f} / {pct['data'].max():.2f}"),
                 ("N(0, 1) data", f"{self.ratio['normal']:.3f}", f"{self.entropy['normal']:.3f}",
