@@ -1,5 +1,5 @@
-// q4_matmul_checks.h: argument checks of torch.ops.q4lab.matmul_4bit, shared by the CPU and CUDA
-// implementations (host only). The Python front end (q4lab/matmul.py) checks user arguments first and
+// q4_matmul_checks.h: argument checks of torch.ops.q4lab.matmul_4bit and its allocating wrapper,
+// shared by the CPU and CUDA implementations (host only); each backend writes only the `_out` form. The Python front end (q4lab/matmul.py) checks user arguments first and
 // says what to do; these checks guard direct calls of the op and name the argument that is wrong.
 #pragma once
 #include "q4_checks.h"
@@ -66,10 +66,7 @@ inline void check_matmul_out(const at::Tensor& out, const at::Tensor& x, const M
 
 inline Q4AbsmaxSource absmax_source(const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax2,
                                     const c10::optional<at::Tensor>& offset) {
-  int shift = 0;
-  while ((int64_t(1) << shift) < kNestedBlocksize) ++shift;
-  TORCH_CHECK((int64_t(1) << shift) == kNestedBlocksize, "q4lab: nested blocksize is not a power of 2");
-  Q4AbsmaxSource src{nullptr, nullptr, nullptr, 0.0f, shift};
+  Q4AbsmaxSource src{nullptr, nullptr, nullptr, 0.0f, Q4_NESTED_BLOCKSIZE_LOG2};
   if (absmax2.has_value()) {
     src.codes = absmax.data_ptr<uint8_t>();
     src.absmax2 = absmax2->data_ptr<float>();
@@ -79,5 +76,28 @@ inline Q4AbsmaxSource absmax_source(const at::Tensor& absmax, const c10::optiona
   }
   return src;
 }
+
+// The allocating op and the registration of both forms, from a backend's `_out` function (the
+// matmul counterpart of q4_checks.h's Q4Ops).
+template <auto MatmulOut>
+struct Q4MatmulOps {
+  static at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed,
+                                const at::Tensor& absmax, const c10::optional<at::Tensor>& absmax2,
+                                const c10::optional<at::Tensor>& offset, int64_t blocksize,
+                                c10::string_view quant_type, int64_t out_features,
+                                const c10::optional<at::Tensor>& bias, c10::string_view isa) {
+    const MatmulShape shape = check_matmul_args(x, packed, absmax, absmax2, offset, blocksize,
+                                                out_features, bias);
+    at::Tensor out = at::empty({shape.M, shape.N}, x.options());
+    MatmulOut(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias, isa,
+              out);
+    return out;
+  }
+
+  static void register_impls(torch::Library& m) {
+    m.impl("matmul_4bit", &Q4MatmulOps::matmul_4bit);
+    m.impl("matmul_4bit_out", MatmulOut);
+  }
+};
 
 }  // namespace q4lab

@@ -281,19 +281,6 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   if (!y.is_same(out)) out.copy_(y);  // float32 -> fp16/bf16, round to nearest even
 }
 
-at::Tensor matmul_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           const c10::optional<at::Tensor>& absmax2,
-                           const c10::optional<at::Tensor>& offset, int64_t blocksize,
-                           c10::string_view quant_type, int64_t out_features,
-                           const c10::optional<at::Tensor>& bias, c10::string_view isa) {
-  const MatmulShape shape = check_matmul_args(x, packed, absmax, absmax2, offset, blocksize,
-                                              out_features, bias);
-  at::Tensor out = at::empty({shape.M, shape.N}, x.options());
-  matmul_4bit_out_cpu(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias,
-                      isa, out);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(q4lab, m) {
@@ -304,9 +291,6 @@ TORCH_LIBRARY_FRAGMENT(q4lab, m) {
   m.def("matmul_4bit_isas() -> str[]", [] { return compiled_isas(); });
 }
 
-TORCH_LIBRARY_IMPL(q4lab, CPU, m) {
-  m.impl("matmul_4bit", &matmul_4bit_cpu);
-  m.impl("matmul_4bit_out", &matmul_4bit_out_cpu);
-}
+TORCH_LIBRARY_IMPL(q4lab, CPU, m) { Q4MatmulOps<&matmul_4bit_out_cpu>::register_impls(m); }
 
 }  // namespace q4lab

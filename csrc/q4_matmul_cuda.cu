@@ -104,24 +104,8 @@ void matmul_4bit_out_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                            const c10::optional<at::Tensor>& absmax2,
-                            const c10::optional<at::Tensor>& offset, int64_t blocksize,
-                            c10::string_view quant_type, int64_t out_features,
-                            const c10::optional<at::Tensor>& bias, c10::string_view isa) {
-  const MatmulShape shape = check_matmul_args(x, packed, absmax, absmax2, offset, blocksize,
-                                              out_features, bias);
-  at::Tensor out = at::empty({shape.M, shape.N}, x.options());
-  matmul_4bit_out_cuda(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features,
-                       bias, isa, out);
-  return out;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(q4lab, CUDA, m) {
-  m.impl("matmul_4bit", &matmul_4bit_cuda);
-  m.impl("matmul_4bit_out", &matmul_4bit_out_cuda);
-}
+TORCH_LIBRARY_IMPL(q4lab, CUDA, m) { Q4MatmulOps<&matmul_4bit_out_cuda>::register_impls(m); }
 
 }  // namespace q4lab

@@ -8,8 +8,9 @@ the difference that q4lab's result does not depend on the machine, the ISA or th
 
 Decode (one token at a time) reads each weight once per token, so its speed is set by the bytes
 read: 4-bit weights are 7.1x fewer bytes than float32 (4.5 bits with absmax), and this path reads
-only those bytes. ``Linear4bit.forward`` uses it for inputs of at most ``FUSED_MAX_ROWS`` rows;
-longer inputs (prefill, training) dequantize once and call a float matmul, which is faster there.
+only those bytes. ``Linear4bit.forward`` uses it when autograd is off (``generate``) for inputs of
+at most ``FUSED_MAX_ROWS`` rows; longer inputs (prefill) dequantize once and call a float matmul,
+which is faster there, and training keeps that path too, so its numbers are unchanged.
 Gradients: d/dx = grad · Ŵ with the dequantized weight (the packed weight is frozen, as in QLoRA).
 """
 from __future__ import annotations

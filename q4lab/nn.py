@@ -88,10 +88,11 @@ class Linear4bit(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.dequantize_4bit(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
 
-    #: Which matmul ``forward`` runs: "auto" (the fused kernel for inputs of at most
-    #: ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native kernel is available, dequantize +
-    #: ``F.linear`` otherwise), "fused" or "dequantize" (forced, e.g. to compare them). Settable per
-    #: layer or on the class.
+    #: Which matmul ``forward`` runs: "auto" (the fused kernel when autograd is off, as in
+    #: ``generate``, for inputs of at most ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native
+    #: kernel is available; dequantize + ``F.linear`` otherwise, so training computes exactly what
+    #: it always did), "fused" or "dequantize" (forced, e.g. to compare them). Settable per layer
+    #: or on the class.
     matmul_path: str = "auto"
 
     def uses_fused(self, x: torch.Tensor) -> bool:
@@ -101,6 +102,8 @@ class Linear4bit(nn.Module):
             raise ValueError(f"matmul_path={path!r} is not 'auto', 'fused' or 'dequantize'")
         if path != "auto":
             return path == "fused"
+        if torch.is_grad_enabled():
+            return False
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
         return rows <= fused_matmul.FUSED_MAX_ROWS and ops.kernel_status(x.device.type) is True
 

@@ -253,12 +253,14 @@ def test_linear4bit_decodes_with_the_fused_kernel_and_never_dequantizes(monkeypa
         raise AssertionError("the fused path dequantized the weight")
 
     monkeypatch.setattr(ops, "dequantize_4bit", no_dequantize)
-    assert layer.uses_fused(x1)
-    assert_bytes_equal(expected, layer(x1), "Linear4bit one-row forward")
-    many = torch.randn(4, 16, 256)
-    assert not layer.uses_fused(many)  # 64 rows: dequantize once + F.linear
-    with pytest.raises(AssertionError, match="dequantized"):
-        layer(many)
+    with torch.no_grad():  # decoding (generate runs without autograd)
+        assert layer.uses_fused(x1)
+        assert_bytes_equal(expected, layer(x1), "Linear4bit one-row forward")
+        many = torch.randn(4, 16, 256)
+        assert not layer.uses_fused(many)  # 64 rows: dequantize once + F.linear
+        with pytest.raises(AssertionError, match="dequantized"):
+            layer(many)
+    assert not layer.uses_fused(x1)  # autograd on (training): the dequantize path, as always
     monkeypatch.undo()
     layer.matmul_path = "fused"
     assert layer.uses_fused(many)
