@@ -161,6 +161,7 @@ def test_smollm2_quantized_in_one_call_still_answers():
         pytest.skip(models.available()["smollm2"])
     model, tok = models.load_smollm2()
     embed = model.model.embed_tokens.weight
+    float_bytes = q4lab.report(model).model_bytes["now"]   # every parameter and buffer once
     q4lab.quantize_model(model)  # defaults: NF4, bs 64, double quant, bf16 compute, skip lm_head
     n4 = sum(isinstance(m, Linear4bit) for m in model.modules())
     assert n4 == 210 and isinstance(model.lm_head, nn.Linear)
@@ -169,4 +170,10 @@ def test_smollm2_quantized_in_one_call_still_answers():
     assert "Paris" in answer, answer
     rep = q4lab.report(model)
     assert rep.total["bytes_saved"] > 300e6 and rep.model_bytes["now"] < rep.model_bytes["before"]
+    # 7.75x is the 4-bit layers against float32; the whole model (float32 embedding kept, tied to
+    # lm_head and counted once) shrinks ~3.2x, and the summary says both
+    assert rep.model_bytes["before"] == float_bytes
+    assert round(rep.total["compression"], 2) == 7.75
+    whole = rep.model_bytes["before"] / rep.model_bytes["now"]
+    assert 3.1 < whole < 3.3 and f"({whole:.2f}x" in rep.summary() and "7.75x" in rep.summary()
     assert "Q4_1" in rep.note and "Q4_1" in str(rep) and "Q4_1" in rep._repr_html_()
