@@ -7,7 +7,10 @@ is served from the cache): every change requantizes the float model with q4lab's
 the passage, generates the continuation and redraws. Reports wall seconds per change (median and
 max) and the per-step split (quantize / perplexity / continuation) from the lab's own timings.
 The machine may be shared: the 1-minute load average before and after is recorded, with the CPU
-count and torch's thread count, because a loaded 2-core machine can be many times slower.
+count and torch's thread count, because a loaded 2-core machine can be many times slower (two
+torch threads that other processes keep descheduling wait on each other: ``--threads 1`` suffers
+far less). The CPU seconds this process used per change are recorded too: with one thread they are
+what the change costs on a quiet core, whatever the load.
 
 Writes JSON to ``bench/results/quality_lab_cpu_<date>.json`` (date, versions, machine, load,
 timings). Usage: ``python bench/bench_quality_lab.py [--tokens 1024] [--new-tokens 12]
@@ -73,18 +76,19 @@ def main(argv=None) -> dict:
     changes = []
     for control, value in CHANGES[:args.changes]:
         n = len(lab.history)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         getattr(lab, control).value = value
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
         assert len(lab.history) == n + 1, f"{control}={value!r} did not add a new configuration"
         rec = lab.current
         changes.append({"control": control, "value": value, "label": rec["label"],
-                        "seconds": wall, "steps": rec["seconds"],
+                        "seconds": wall, "cpu_seconds": cpu, "steps": rec["seconds"],
                         "perplexity": rec["perplexity"], "bits_per_param": rec["bits_per_param"],
                         "model_bytes": rec["model_bytes"]})
         print(f"{control}={value!r:<12} -> {rec['label']:<24} {wall:6.2f} s  (quantize "
               f"{rec['seconds']['quantize']:.2f}, perplexity {rec['seconds']['perplexity']:.2f}, "
-              f"continuation {rec['seconds']['continuation']:.2f})  ppl {rec['perplexity']:.3f}")
+              f"continuation {rec['seconds']['continuation']:.2f}; {cpu:.2f} CPU s)  "
+              f"ppl {rec['perplexity']:.3f}")
     secs = [c["seconds"] for c in changes]
     load_after = os.getloadavg()
     result = {
@@ -98,10 +102,11 @@ def main(argv=None) -> dict:
         "tokens": lab.ids.numel(), "new_tokens": args.new_tokens,
         "float_perplexity": lab.float_record["perplexity"], "build_seconds": build,
         "median_seconds": statistics.median(secs), "max_seconds": max(secs),
+        "median_cpu_seconds": statistics.median(c["cpu_seconds"] for c in changes),
         "changes": changes,
     }
     print(f"median {result['median_seconds']:.2f} s, max {result['max_seconds']:.2f} s per change "
-          f"(target <= 10 s); load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
+          f"(target <= 10 s), median {result['median_cpu_seconds']:.2f} CPU s; load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
     out = args.out or ROOT / "bench" / "results" / f"quality_lab_cpu_{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
