@@ -125,7 +125,7 @@ class QualityLab(WidgetBase):
         self.fig = new_figure(height=520, xaxis_title="bits/param, whole model (stored bytes)",
                               yaxis_title="perplexity (lower is better)",
                               margin=dict(l=70, r=20, t=60, b=60),
-                              legend=dict(orientation="h", y=-0.18, itemsizing="constant"))
+                              legend=dict(orientation="h", y=-0.18))
         self.sensitivity_fig = new_figure(height=360, xaxis_title="depth (transformer block)",
                                           margin=dict(l=150, r=20, t=60, b=50))
         for w in (self.quant_type, self.blocksize, self.double_quant, self.layers, self.lm_head,
