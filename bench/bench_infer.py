@@ -8,8 +8,9 @@ same run. Part 1 cycles through distinct NF4 + double-quant (blocksize 64) layer
 cache (read from sysfs), so no layer is served from cache; the float32 layers cycle likewise.
 Every method is validated before it is timed (llm.c's rule): q4lab's kernel must equal the NumPy
 spec byte for byte on the first layer, and every method must agree with float64 x @ W_hat.T.
-Part 2 decodes with a KV cache (greedy, batch 1) and compares q4lab's fused and dequantize paths'
-continuations on a few prompts. Note: bitsandbytes 0.50.2's fused CPU kernel needs an AVX512-BF16
+Part 2 decodes with a KV cache (greedy, batch 1), splits each model's time per token into linear
+layers, lm_head and everything else (forward hooks, one extra decode), and compares q4lab's fused
+and dequantize paths' continuations on a few prompts. Note: bitsandbytes 0.50.2's fused CPU kernel needs an AVX512-BF16
 CPU and its ``kernels`` package from a model hub; without it (as here) bnb dequantizes per call.
 Writes bench/results/infer_<device>_<date>.json.
 
@@ -190,6 +191,43 @@ def decode_tokens_per_s(model, tok, n: int) -> float:
     return best
 
 
+def decode_breakdown(model, tok, n: int) -> dict:
+    """Milliseconds per token spent in the linear layers (lm_head apart) and in everything else
+    (attention, norms, rotary, the KV cache, sampling, Python), from forward hooks that time every
+    linear layer during one greedy decode of ``n`` tokens: Amdahl's law for decode. With zero-time
+    linear layers a model could decode at most ``1000 / rest`` tokens/s."""
+    from q4lab.nn import Linear4bit
+
+    spent, starts, handles = {"linear layers": 0.0, "lm_head": 0.0}, {}, []
+
+    def timed(key):
+        def pre(module, args):
+            starts[module] = time.perf_counter()
+
+        def post(module, args, out):
+            spent[key] += time.perf_counter() - starts.pop(module)
+        return pre, post
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Linear4bit)):
+            pre, post = timed("lm_head" if name == "lm_head" else "linear layers")
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    enc = tok("The history of the printing press", return_tensors="pt")
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+            total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    made = out.shape[1] - enc["input_ids"].shape[1]
+    ms = {k: 1e3 * v / made for k, v in spent.items()}
+    ms["everything else"] = 1e3 * total / made - sum(ms.values())
+    return ms
+
+
 def bnb_model(model):
     import bitsandbytes as bnb
 
@@ -216,19 +254,23 @@ def bench_decode(tokens: int) -> dict:
     model, tok = models.load_smollm2()
     model.eval()
     result = {"float32": decode_tokens_per_s(model, tok, tokens)}
+    split = {"float32": decode_breakdown(model, tok, tokens)}
     q4lab.quantize_model(model, q4lab.Q4Config(compute_dtype=torch.float32), progress=False)
     answers = {}
     for path in ("dequantize", "auto"):
         Linear4bit.matmul_path = path
-        result[f"q4lab NF4+DQ ({'fused' if path == 'auto' else 'dequantize + F.linear'})"] = \
-            decode_tokens_per_s(model, tok, tokens)
+        name = f"q4lab NF4+DQ ({'fused' if path == 'auto' else 'dequantize + F.linear'})"
+        result[name] = decode_tokens_per_s(model, tok, tokens)
+        split[name] = decode_breakdown(model, tok, tokens)
         answers[path] = [models.generate(model, tok, p, 32) for p in PROMPTS]
     Linear4bit.matmul_path = "auto"
     del model
     model, tok = models.load_smollm2()
-    result["bitsandbytes NF4+DQ"] = decode_tokens_per_s(bnb_model(model), tok, tokens)
+    model = bnb_model(model)
+    result["bitsandbytes NF4+DQ"] = decode_tokens_per_s(model, tok, tokens)
+    split["bitsandbytes NF4+DQ"] = decode_breakdown(model, tok, tokens)
     same = [a == b for a, b in zip(answers["dequantize"], answers["auto"])]
-    return {"tokens_per_s": result, "tokens": tokens,
+    return {"tokens_per_s": result, "ms_per_token_split": split, "tokens": tokens,
             "greedy_continuations_identical": same,
             "continuations": {"fused": answers["auto"], "dequantize": answers["dequantize"]}}
 
@@ -293,8 +335,15 @@ def report(r: dict) -> None:
         tps = r["decode"]["tokens_per_s"]
         q = tps["q4lab NF4+DQ (fused)"]
         print("\nSmolLM2-135M greedy decode, batch 1, KV cache")
+        split = r["decode"]["ms_per_token_split"]
         for name, v in tps.items():
-            print(f"  {name:40s} {v:6.1f} tokens/s   q4lab fused / this = {q / v:5.2f}x")
+            parts = ", ".join(f"{k} {ms:.1f}" for k, ms in split[name].items())
+            print(f"  {name:40s} {v:6.1f} tokens/s   q4lab fused / this = {q / v:5.2f}x   "
+                  f"ms/token: {parts}")
+        rest = split["q4lab NF4+DQ (fused)"]
+        print(f"  with zero-time linear layers the fused model would still need "
+              f"{rest['everything else'] + rest['lm_head']:.1f} ms/token (lm_head + everything else): "
+              f"at most {1e3 / (rest['everything else'] + rest['lm_head']):.0f} tokens/s")
         print(f"  greedy continuations fused == dequantize: {r['decode']['greedy_continuations_identical']}")
 
 

@@ -1,23 +1,19 @@
 """A real user's view: JupyterLab in Debian's Chromium (Playwright, headless) runs notebook 01 cell by
 cell, the codebook explorer's slider is dragged with the mouse, the plotly figure must change, and
 after the notebook is saved and the page reloaded the figure must show the moved state again
-(plotly FigureWidget state loss, plotly.py issues 4998/4823; widget conventions in
-`docs/architecture.md` §4-5).
+(widget conventions in `docs/architecture.md` §4-5).
 
-Why the reload used to fail ("Error displaying widget: model not found"), measured here with a trace
-of the kernel websocket: every plotly FigureWidget is an anywidget whose state carries plotly's whole
-5 MB JavaScript bundle (``_esm``). After a reload, jupyterlab-manager fetches every widget's state in
-one ``request_states`` reply: 20.4 MB for notebook 01's four figures. Parsing it blocks the page's
-main thread for 2-4 s on this 2-core machine. Meanwhile each widget output is waiting in
-``get_model``, which polls for its model for at most 2 s and checks that deadline BEFORE looking
-again (ipywidgets 8.1.9): when the page unblocks, the restore has already registered all models and
-set ``restoredStatus``, but every output whose 2 s ran out during the block gives up for good with
-"model not found" (ipywidgets issue 4026). A second, related limit: anywidget 0.11 gives a model 2 s
-to import its bundle; a model that misses it drops every later message, so its figure stops
-following the slider. Both depend only on how long the page is busy, so they came and went with the
-machine's load. The product-side fix is to keep the plotly bundle out of the widget state (figures
-shown through a plain widget and JupyterLab's plotly renderer: the same reply is then 155 KB); this
-test does not work around it. It does what a careful user does and waits for the machine at each
+Why the reload used to fail ("Error displaying widget: model not found"), measured with the trace of
+the kernel websocket this test keeps: the figures used to be plotly FigureWidgets, anywidgets whose
+state carries plotly's whole 5 MB JavaScript bundle (``_esm``). After a reload, jupyterlab-manager
+fetched every widget's state in one ``request_states`` reply: 20.4 MB for notebook 01's four
+figures. Parsing it blocked the page's main thread for 2-4 s on a 2-core machine, and each widget
+output waiting in ``get_model`` (which polls for at most 2 s and checks that deadline BEFORE looking
+again, ipywidgets 8.1.9, issue 4026) gave up for good with "model not found"; anywidget 0.11 also
+gives a model 2 s to import its bundle and then drops every later message, so a figure could stop
+following its slider. q4lab's figures are now plain plotly figures shown through an
+``ipywidgets.Output`` holding only the figure's JSON (``q4lab.widgets._common.LiveFigure``), so the
+reply is a few hundred KB. The test does what a careful user does and waits for the machine at each
 step (run a cell, wait until the kernel is idle and its widgets are drawn with data; drag; wait
 until the kernel is idle; save; reload; wait), then checks the reloaded page twice: the figure shows
 the moved state, and a second drag still changes it. Page and console errors, and a trace of the

@@ -179,8 +179,9 @@ def test_controls_drive_the_scatter(lab):
     lab.set(quant_type="nf4", double_quant=True)
     assert len(lab.history) == n0 + 2 and lab.current is first
     # the synced widget state holds the figure as it is now (survives a page reload)
-    assert [d["name"] for d in lab.fig._widget_data] == [t.name for t in lab.fig.data]
-    assert lab.fig._widget_layout["title"]["text"] == lab.fig.layout.title.text
+    shown = lab.fig.view.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert [d["name"] for d in shown["data"]] == [t.name for t in lab.fig.data]
+    assert shown["layout"]["title"]["text"] == lab.fig.layout.title.text
 
 
 @pytest.mark.slow

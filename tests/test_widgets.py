@@ -2,8 +2,8 @@
 figure), its numbers checked against q4lab.reference byte for byte, on real MiniLM weights.
 
 Style after bqplot's widget-state tests; the re-sync check follows docs/architecture.md §4 ("A
-widget"; plotly.py issues 4998/4823: the synced ``_widget_data`` must hold the current figure, or a
-reload shows stale data).
+widget"): the figure's view (the Output widget whose state a page reload restores) must hold the
+figure Python holds, or a reload shows stale data.
 """
 import json
 
@@ -19,15 +19,23 @@ from q4lab.constants import BLOCKSIZES
 from q4lab.reference.codebooks import NF4_OFFSET
 from q4lab.state import storage_bytes_for
 from q4lab.testing import assert_bytes_equal
+from q4lab.widgets._common import PLOTLY_MIME
 
 plotly = pytest.importorskip("plotly")
 
 
-def assert_synced(fig):
-    """The widget state the browser restores on reload equals the figure Python holds."""
-    enc = plotly.utils.PlotlyJSONEncoder
-    assert json.dumps(fig._widget_data, cls=enc) == json.dumps(fig._data, cls=enc)
-    assert json.dumps(fig._widget_layout, cls=enc) == json.dumps(fig._layout_obj._props, cls=enc)
+def assert_synced(fig, in_widget: bool = True):
+    """The widget state the browser restores on reload equals the figure Python holds: the view's
+    one output is the figure's current plotly JSON. A widget's figure must already have its view
+    (made when the widget was built, before any update); a figure a notebook displays on its own
+    (``in_widget=False``) gets it on display."""
+    out = fig.__dict__.get("_q4lab_view")
+    if out is None and not in_widget:
+        out = fig.view
+    assert out is not None, "the figure has no view: it is not shown by any widget"
+    (shown,) = out.outputs
+    assert json.dumps(shown["data"][PLOTLY_MIME], sort_keys=True) == \
+        json.dumps(fig.plotly_json(), sort_keys=True)
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +401,8 @@ def test_dtype_table_and_timings_are_validated_measurements():
     assert times["float32"]["rel_err"] < times["float16"]["rel_err"] < times["bfloat16"]["rel_err"]
     fig = speed_figure(times, "t")
     assert list(fig.data[0].x) == list(times)
-    assert_synced(fig)
+    shown = fig.view.outputs[0]["data"][PLOTLY_MIME]     # what the notebook displays
+    assert shown["data"][0]["x"] == list(times)
 
 
 # ---- log axes ----------------------------------------------------------------------------
@@ -420,7 +429,8 @@ def test_every_widget_says_what_to_try_and_what_to_look_for(rng_weights):
              widgets.normal_premise(rng_weights)]
     for w in built:
         box = w.widget.children
-        figs = [i for i, c in enumerate(box) if hasattr(c, "_widget_data")]
+        figs = [i for i, c in enumerate(box) if isinstance(c, W.Output)
+                and PLOTLY_MIME in c.outputs[0]["data"]]
         hints = [i for i, c in enumerate(box) if isinstance(c, W.HTML)
                  and "Try this" in c.value and "Look for" in c.value]
         assert len(hints) == 1 and hints[0] > max(figs), type(w).__name__   # one line, under the figures
@@ -475,7 +485,7 @@ def test_outliers_and_tradeoff_on_minilm(minilm):
     assert worst["name"] == "encoder.layer.0.output.dense" and worst["per_tensor_db"] < 1.0
     fig = bt.outlier_figure(rows)
     assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.ticktext)
-    assert_synced(fig)
+    assert_synced(fig, in_widget=False)
     trade = bt.tradeoff_rows({k: few[k] for k in list(few)[:2]}, blocksizes=(32, 64, 4096))
     summary = bt.tradeoff_summary(trade)
     assert summary[False][64]["bits"] == 4.5 and round(summary[True][64]["bits"], 3) == 4.127
@@ -484,4 +494,4 @@ def test_outliers_and_tradeoff_on_minilm(minilm):
     assert [t.name for t in tf.data] == ["NF4 (float32 absmax)", "NF4 + double quant"]
     assert tf.layout.xaxis.type == "log" and tf.data[0].x[1] == 0.5     # side information, log x
     assert list(tf.data[1].text) == ["32", "64", "4096"]
-    assert_synced(tf)
+    assert_synced(tf, in_widget=False)

@@ -1,5 +1,5 @@
 """q4lab.widgets: interactive figures for 4-bit quantization (ipywidgets controls driving plotly
-FigureWidgets), each a small class whose controls can be set from Python and whose figure data can
+figures shown through ``ipywidgets.Output``, see ``_common.LiveFigure``), each a small class whose controls can be set from Python and whose figure data can
 be read back, so every widget is tested headless (bqplot's habit) and in a real browser.
 
 - ``codebook_explorer()``: NF4 / FP4 / INT4 levels over N(0, 1), NF4 derived from the quantiles
@@ -17,7 +17,7 @@ be read back, so every widget is tested headless (bqplot's habit) and in a real 
 - ``normal_premise(weights)``: scaled weights against NF4's normal premise, and code usage.
 - ``blockwise_tradeoff``: one scale per tensor vs per block; SQNR vs bits/param per blocksize.
 - ``new_figure`` / ``redraw``: the widgets' look and their one update path, for notebooks' own
-  figures (every change re-synced so it survives a page reload).
+  figures (a ``LiveFigure``: every change re-synced into its view, so it survives a page reload).
 """
 from .block_inspector import BlockInspector, block_inspector
 from .compute_dtype import ComputeDtypeExplorer, compute_dtype_explorer

@@ -1,20 +1,21 @@
 """Shared glue for the q4lab widgets: weight collection, reference round trips, error metrics and
 the ONE way a figure is updated.
 
-Sources: plotly.py ``basewidget.py`` (``_widget_data`` / ``_widget_layout`` are synced to the
-browser only on full assignment; edits made after display travel as restyle/relayout messages and are
-lost when the page reloads or the saved widget state is rendered: plotly.py issues 4998 and 4823).
-:func:`resync` therefore ends every update by re-assigning the full data and layout, exactly as
-``BaseFigureWidget._repr_mimebundle_`` does, so the model state always holds the current figure.
+A figure is a :class:`LiveFigure`: a plain plotly ``Figure`` shown through an ``ipywidgets.Output``
+that holds only the figure's JSON (rendered by the ``jupyterlab-plotly`` extension), not a
+``FigureWidget``, whose 5 MB JavaScript bundle in every widget state made page reloads fail
+(docs/architecture.md §5). :func:`redraw` / :func:`updating` end every update with :func:`resync`,
+which rewrites the view from the full figure, so the widget state always holds the current figure
+(the state-loss class of plotly.py issues 4998 and 4823 cannot occur).
 All quantization goes through :mod:`q4lab.reference` (the specification) and every error through
 :func:`q4lab.metrics.error_stats` (one SQNR rule); nothing is re-implemented.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from copy import deepcopy
 
 import numpy as np
+import plotly.graph_objects as go
 
 from .. import reference as ref
 from ..constants import QUANT_TYPES  # noqa: F401  (re-exported to the widgets)
@@ -22,27 +23,68 @@ from ..constants import QUANT_TYPES  # noqa: F401  (re-exported to the widgets)
 F32 = np.float32
 
 
-def new_figure(**layout):
-    """A plotly FigureWidget with q4lab's default look (imported lazily: plotly is slow to load)."""
-    import plotly.graph_objects as go
-
+def new_figure(**layout) -> "LiveFigure":
+    """A :class:`LiveFigure` with q4lab's default look."""
     base = dict(template="plotly_white", height=380, margin=dict(l=60, r=20, t=80, b=50),
                 title=dict(font=dict(size=15)),
                 legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left",
                             traceorder="normal"))
     base.update(layout)
-    return go.FigureWidget(layout=base)
+    return LiveFigure(layout=base)
+
+
+class LiveFigure(go.Figure):
+    """A plain plotly ``Figure`` that knows the widget showing it: ``fig.view``, an
+    ``ipywidgets.Output`` whose one output is the figure's plotly JSON (rendered in JupyterLab by the
+    ``jupyterlab-plotly`` extension that plotly installs). :func:`resync` rewrites that output from
+    the current data and layout, so the widget state always holds the figure that a page reload
+    shows. Displaying ``fig`` in a notebook displays its view; put ``fig.view`` in a ``VBox``.
+
+    Why not ``go.FigureWidget``: its widget state carries plotly's 5 MB JavaScript bundle, so a page
+    reload of a notebook with a few figures fetches a 20 MB reply whose parsing outlasts
+    ipywidgets' and anywidget's 2 s deadlines ("model not found", figures that stop following their
+    sliders; docs/architecture.md §5). This figure's state is its JSON only.
+    """
+
+    @property
+    def view(self):
+        out = self.__dict__.get("_q4lab_view")
+        if out is None:
+            import ipywidgets as W
+
+            out = self._q4lab_view = W.Output()
+            resync(self)
+        return out
+
+    def plotly_json(self) -> dict:
+        """The figure as the JSON-safe dict its view shows (plotly's mimetype renderer)."""
+        from plotly.io._base_renderers import PlotlyRenderer
+
+        return PlotlyRenderer().to_mimebundle(self.to_dict())[PLOTLY_MIME]
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.view)
+
+
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
 def resync(fig) -> None:
-    """Copy the figure's full data and layout into the synced widget state (see module docstring)."""
-    fig._widget_layout = deepcopy(fig._layout_obj._props)
-    fig._widget_data = deepcopy(fig._data)
+    """Rewrite the figure's view (if it has one yet) from its current data and layout: the one
+    place a widget's state follows its figure (see :class:`LiveFigure`)."""
+    out = fig.__dict__.get("_q4lab_view")
+    if out is None:
+        return
+    title = fig.layout.title.text or "figure"
+    out.outputs = ({"output_type": "display_data", "metadata": {},
+                    "data": {PLOTLY_MIME: fig.plotly_json(), "text/plain": f"<q4lab figure: {title}>"}},)
 
 
 @contextmanager
 def updating(fig):
-    """``with updating(fig): ...`` batches edits into one message, then re-syncs the full state."""
+    """``with updating(fig): ...`` batches edits, then re-syncs the view once."""
     with fig.batch_update():
         yield fig
     resync(fig)

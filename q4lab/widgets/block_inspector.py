@@ -90,7 +90,7 @@ class BlockInspector(WidgetBase):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
             W.HBox([self.layer, self.blocksize]), W.HBox([self.quant_type, self.double_quant]),
-            self.block, self.fig,
+            self.block, self.fig.view,
             hint("<b>Try this:</b> switch the type between nf4, fp4 and int4, then step the block "
                  "slider. <b>Look for:</b> every dequantized × sits on a grey line (level × absmax); "
                  "the block's largest |value| lands on the outermost line, ±1 × absmax."),

@@ -65,7 +65,7 @@ class CodebookExplorer(WidgetBase):
             w.observe(lambda _change: self.update(), names="value")
         self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))
         self.widget = W.VBox([
-            W.HBox([self.offset, self.reset]), W.HBox([self.show_fp4, self.show_int4]), self.fig,
+            W.HBox([self.offset, self.reset]), W.HBox([self.show_fp4, self.show_int4]), self.fig.view,
             hint("<b>Try this:</b> drag the offset slider to its left end, then press the bnb button. "
                  "<b>Look for:</b> a smaller offset pulls the outer levels inward (more levels "
                  "near 0); FP4 crowds its levels near 0 and leaves a wide gap near ±1, INT4 "

@@ -151,7 +151,7 @@ class ComputeDtypeExplorer(WidgetBase):
         for w in (self.layer, self.dtype):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
-            self.layer, self.dtype, self.fig,
+            self.layer, self.dtype, self.fig.view,
             hint("<b>Try this:</b> switch between float16 and bfloat16. <b>Look for:</b> what the "
                  "compute dtype adds (blue for float16, orange for bfloat16) is far narrower than "
                  "what 4 bits cost (purple) either way; bfloat16's is wider than float16's (7 vs 10 "

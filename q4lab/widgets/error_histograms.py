@@ -62,8 +62,8 @@ class ErrorHistograms(WidgetBase):
         for w in (self.layer, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
-            W.HBox([self.layer, self.double_quant]), self.blocksize, self.fig, self.readout,
-            self.sweep_fig,
+            W.HBox([self.layer, self.double_quant]), self.blocksize, self.fig.view, self.readout,
+            self.sweep_fig.view,
             hint("<b>Try this:</b> move the blocksize from 32 to 4096 and back. <b>Look for:</b> "
                  "the histograms widen as blocks grow (one absmax serves more weights), and in the "
                  "lower plot each halving of the blocksize buys about half a dB of SQNR for at "

@@ -205,7 +205,7 @@ class MemoryCalculator(WidgetBase):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
             W.HBox([self.model, self.gpu]), W.HBox([self.blocksize, self.double_quant]),
-            W.HBox([self.context, self.batch, self.runtime]), self.fig, self.gb_fig,
+            W.HBox([self.context, self.batch, self.runtime]), self.fig.view, self.gb_fig.view,
             hint("<b>Try this:</b> raise the context to 16384, then pick Llama-2-70B; untick "
                  "double quant. <b>Look for:</b> 4.5 vs 4.127 bits side by side; once the weights "
                  "are 4-bit the KV cache (grey) decides whether a long context fits, and "

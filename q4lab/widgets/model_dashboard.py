@@ -153,7 +153,7 @@ class ModelDashboard(WidgetBase):
         for w in (self.quant_type, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
-            W.HBox([self.metric, self.blocksize, self.double_quant]), self.quant_type, self.fig,
+            W.HBox([self.metric, self.blocksize, self.double_quant]), self.quant_type, self.fig.view,
             hint("<b>Try this:</b> switch the metric between SQNR and bits/param"
                  + ("" if self.is_quantized else ", and the blocksize from 64 to 4096") +
                  ". <b>Look for:</b> the colour bar's range: every layer sits within a few dB of "

@@ -90,7 +90,7 @@ class NormalPremise(WidgetBase):
         for w in (self.layer, self.blocksize):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
-            W.HBox([self.layer, self.blocksize]), self.fig, self.usage_fig,
+            W.HBox([self.layer, self.blocksize]), self.fig.view, self.usage_fig.view,
             hint("<b>Try this:</b> pick the N(0, 1) sample, then a real layer; move the blocksize "
                  "from 64 to 4096. <b>Look for:</b> the blue histogram is narrower than the dashed "
                  "design curve (each block's absmax is ~2.5σ, not 1.848σ), so the middle codes are "

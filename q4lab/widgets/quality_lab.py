@@ -137,7 +137,7 @@ class QualityLab(WidgetBase):
             self.quant_type, W.HBox([self.blocksize, self.double_quant]),
             W.HBox([self.layers, self.lm_head]),
             W.HBox([self.compute_dtype, self.paper_button, self.sens_button]),
-            self.readout, self.fig,
+            self.readout, self.fig.view,
             hint("<b>Try this:</b> switch the codebook between NF4, FP4 and INT4 at blocksize 64, "
                  "then toggle double quant. <b>Look for:</b> NF4's point sits lowest; double "
                  "quant moves a point left (fewer bits) without moving it up."),
@@ -247,7 +247,7 @@ class QualityLab(WidgetBase):
                                          self._sens_cache, base, progress)
         self.sensitivity_tokens = ids.numel()
         self._draw_sensitivity()
-        self.sensitivity_box.children = (self.sensitivity_fig,)
+        self.sensitivity_box.children = (self.sensitivity_fig.view,)
         return self.sensitivity
 
     # ---- drawing ----------------------------------------------------------------------------
