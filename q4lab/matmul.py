@@ -58,14 +58,19 @@ def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
     return n, k
 
 
-def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto") -> torch.Tensor:
-    register_fake()
+def kernel_args(packed, state) -> tuple:
+    """The weight's arguments of ``torch.ops.q4lab.matmul_4bit`` (everything between x and bias),
+    in the order of its schema; ``Linear4bit`` builds them once per weight, not once per token."""
     nested = state.nested
-    return torch.ops.q4lab.matmul_4bit(
-        x2d, packed.reshape(-1), state.absmax, state.state2.absmax if nested else None,
-        state.offset.reshape(()).float() if nested else None, int(state.blocksize),
-        state.quant_type, int(state.shape[0]),
-        None if bias is None else bias.float().contiguous(), isa)
+    return (packed.reshape(-1), state.absmax, state.state2.absmax if nested else None,
+            state.offset.reshape(()).float() if nested else None, int(state.blocksize),
+            state.quant_type, int(state.shape[0]))
+
+
+def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None) -> torch.Tensor:
+    register_fake()
+    return torch.ops.q4lab.matmul_4bit(x2d, *(args or kernel_args(packed, state)),
+                                       None if bias is None else bias.float().contiguous(), isa)
 
 
 def _reference(x2d: torch.Tensor, packed, state, bias) -> torch.Tensor:
@@ -122,13 +127,18 @@ def _fused(x, packed, state, bias, which: str) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
-def linear_forward(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
+def linear_forward(x: torch.Tensor, packed, state, bias, args=None) -> torch.Tensor:
     """``Linear4bit``'s fused path: the layer checked its packed weight and state when it was built,
-    and the caller checked that a native kernel exists for x's device; only x is checked here."""
-    if x.shape[-1] != state.shape[1]:
-        raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features="
-                         f"{state.shape[1]}")
-    return _fused(x.contiguous(), packed, state, bias, x.device.type)
+    and the caller checked that a native kernel exists for x's device; only x is checked here.
+    ``args``: the layer's cached :func:`kernel_args` (decode calls this once per layer per token, so
+    the Python around the kernel is kept to a few tensor calls)."""
+    k = state.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features={k}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _fused(x.contiguous(), packed, state, bias, x.device.type)
+    y = _kernel(x.contiguous().view(-1, k), packed, state, bias, "auto", args)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def isas() -> list[str]:

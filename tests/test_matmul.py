@@ -271,6 +271,28 @@ def test_linear4bit_decodes_with_the_fused_kernel_and_never_dequantizes(monkeypa
         layer(x1)
 
 
+@needs_cpu_kernels
+def test_linear4bit_fused_path_follows_a_new_weight():
+    """The layer caches the kernel's weight arguments; a weight copied into its tensors in place, or
+    a packed tensor and state replaced by assignment, must be what it then computes."""
+    torch.manual_seed(1)
+    a, b = (Linear4bit.from_linear(torch.nn.Linear(128, 40, bias=False)) for _ in range(2))
+    c = Linear4bit.from_linear(torch.nn.Linear(128, 40, bias=False), double_quant=False)
+    x = torch.randn(1, 128)
+    with torch.no_grad():
+        for step, source in (("as built", a), ("copied in place", b), ("assigned", c)):
+            if step == "copied in place":
+                for mine, theirs in ((a.packed, b.packed), (a.quant_state.absmax, b.quant_state.absmax),
+                                     (a.quant_state.state2.absmax, b.quant_state.state2.absmax),
+                                     (a.quant_state.offset, b.quant_state.offset)):
+                    mine.copy_(theirs)
+            elif step == "assigned":
+                a.packed, a.quant_state = c.packed, c.quant_state
+            assert a.uses_fused(x)
+            expected = q4lab.matmul_4bit(x, source.packed, source.quant_state)
+            assert_bytes_equal(expected, a(x), f"Linear4bit's weight {step}")
+
+
 # ---- CUDA: compiled here (no GPU in CI), run where a GPU is ----------------------------------------
 def test_cuda_matmul_source_compiles_to_object(tmp_path):
     """nvcc compiles csrc/q4_matmul_cuda.cu with the real build's flags (no fast-math, no FMA),
