@@ -129,6 +129,25 @@ class Linear4bit(nn.Module):
             y = _DequantMatmul.apply(x, self.packed, self.quant_state, bias)
         return y.to(in_dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``load_state_dict`` can carry only ``packed`` (the quantization state is not a tensor
+        attribute); other codes would be paired with this layer's absmax and silently decode to
+        wrong weights, so they are refused with the way to load them. Identical codes load."""
+        key = prefix + "packed"
+        theirs = state_dict.get(key)
+        if isinstance(theirs, torch.Tensor) and not (
+                theirs.dtype == self.packed.dtype and theirs.shape == self.packed.shape
+                and torch.equal(theirs.to(self.packed.device), self.packed)):
+            error_msgs.append(
+                f"{key}: a Linear4bit's state dict holds only its packed 4-bit codes, not their "
+                f"absmax and the rest of the quantization state, so other codes cannot be loaded "
+                f"into it; load 4-bit weights with q4lab.from_bnb_state_dict(model, "
+                f"q4lab.to_bnb_state_dict(source)) or q4lab.save / q4lab.load")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.packed.device

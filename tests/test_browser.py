@@ -24,24 +24,17 @@ playwright is missing (install: ``apt-get install -y chromium``).
 """
 import os
 import re
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from jupyterlab_server import CHROMIUM, CHROMIUM_ARGS, jupyter_lab
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 NOTEBOOK = "01_why_4_bits_and_codebooks.ipynb"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 STEP_TIMEOUT_S = 180
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -98,53 +91,13 @@ def saved_outputs(path: Path) -> str:
                      for o in c.get("outputs", []))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """JupyterLab on 127.0.0.1 (free port, random token, --allow-root) over a temp root dir holding
-    a copy of notebook 01; yields (base_url, token, root)."""
+    """JupyterLab over a temp root dir holding a copy of notebook 01; yields (base_url, token, root)."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
-    port, token = free_port(), secrets.token_hex(16)
-    env = dict(os.environ, Q4LAB_FAST="1", HF_HUB_OFFLINE="1",
-               JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"))
-    log = open(root / "lab.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
-         "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         f"--LabApp.workspaces_dir={root / '.workspaces'}"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(base, token, proc, root / "lab.log")
+    with jupyter_lab(root, Q4LAB_FAST="1") as (base, token):
         yield base, token, root
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def wait_for_server(base: str, token: str, proc, logfile: Path, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited: {logfile.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"jupyter lab did not start in {timeout}s: {logfile.read_text()[-2000:]}")
 
 
 class Page:
@@ -211,7 +164,7 @@ def test_slider_changes_figure_and_survives_reload(lab):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = f"{base}/lab/workspaces/t{uuid.uuid4().hex[:8]}/tree/{NOTEBOOK}?reset&token={token}"
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = Page(browser.new_page(viewport={"width": 1400, "height": 1000}))
         try:
             run_drag_reload_drag(page, url, root)

@@ -10,23 +10,16 @@ tests/test_browser.py (a private JupyterLab on a free port with a random token, 
 widget conventions: ``docs/architecture.md`` §4-5.
 """
 import os
-import secrets
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from jupyterlab_server import CHROMIUM, CHROMIUM_ARGS, jupyter_lab
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 NOTEBOOK = "quality_lab.ipynb"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 CELLS = ["from q4lab import widgets\nlab = widgets.quality_lab(tokens=64, new_tokens=2)\nlab",
          "print('lab ready', len(lab.history))"]
 
@@ -58,53 +51,16 @@ OUTPUTS_JS = """() => Array.from(document.querySelectorAll('.jp-OutputArea-outpu
 ERROR_MARKERS = ("Traceback", "Error displaying widget", "failed:", "Error:")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab_server(tmp_path_factory):
-    """JupyterLab on 127.0.0.1 over a temp root holding the two-cell notebook; yields
-    (base_url, token)."""
+    """JupyterLab over a temp root holding the two-cell notebook; yields (base_url, token)."""
     root = tmp_path_factory.mktemp("qlab")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, root / NOTEBOOK)
-    port, token = free_port(), secrets.token_hex(16)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTERLAB_WORKSPACES_DIR=str(root / ".ws"))
-    log = open(root / "lab.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
-         "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         f"--LabApp.workspaces_dir={root / '.ws'}"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited: {(root / 'lab.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("jupyter lab did not start in 90 s: "
-                                       f"{(root / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield base, token
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with jupyter_lab(root) as server:
+        yield server
 
 
 def wait_until(page, predicate, timeout_s: float, what: str):
@@ -129,7 +85,7 @@ def test_fp4_button_adds_a_point_without_errors(lab_server):
     url = f"{base}/lab/workspaces/q{uuid.uuid4().hex[:8]}/tree/{NOTEBOOK}?reset&token={token}"
     uncaught = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1300, "height": 1700})  # the whole lab fits
         page.on("pageerror", lambda exc: uncaught.append(str(exc)))
         page.goto(url)

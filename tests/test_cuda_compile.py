@@ -1,4 +1,4 @@
-"""Compile-only check of ``csrc/q4_cuda.cu`` with nvcc against torch's headers
+"""Compile-only check of every ``csrc/*.cu`` with nvcc against torch's headers
 (docs/architecture.md §2, §3).
 
 The CI and dev machines have a CPU-only torch and a partial CUDA 13 toolkit (nvcc, cudart), so the
@@ -48,22 +48,32 @@ def test_flags_have_no_fast_math():
     assert "fast-math" not in flags.replace("-fno-fast-math", "") and "use_fast_math" not in flags
 
 
+CUDA_SOURCES = sorted(_build.csrc_dir().glob("*.cu"))
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit not installed)")
-def test_cuda_source_compiles_to_object(tmp_path):
+def test_every_cuda_source_compiles_to_object(tmp_path):
+    """Every ``csrc/*.cu`` (the quantize/dequantize ops and the fused matmul; a new file is picked
+    up by its name) compiles to an object holding sm_90 code. The nvcc processes run side by side:
+    each spends most of its time parsing torch's headers on one core."""
+    assert {p.name for p in CUDA_SOURCES} >= {"q4_cuda.cu", "q4_matmul_cuda.cu"}, CUDA_SOURCES
     include_dir = tmp_path / "include"
     (include_dir / "c10" / "cuda" / "impl").mkdir(parents=True)
     (include_dir / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(CMAKE_MACROS)
-    source = _build.csrc_dir() / "q4_cuda.cu"
-    obj = tmp_path / "q4_cuda.o"
-    done = subprocess.run(nvcc_command(source, obj, include_dir), capture_output=True, text=True,
-                          timeout=600)
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "error" in ln]
-    assert done.returncode == 0, "nvcc failed:\n" + "\n".join(errors[:20] or [done.stderr[-3000:]])
-    assert obj.stat().st_size > 0
-    # the object holds sm_90 code for every kernel (cuobjdump lists them when available)
+    jobs = {}
+    for source in CUDA_SOURCES:
+        obj = tmp_path / (source.stem + ".o")
+        jobs[source] = (obj, subprocess.Popen(nvcc_command(source, obj, include_dir), text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     cuobjdump = shutil.which("cuobjdump") or os.path.join(os.path.dirname(NVCC), "cuobjdump")
-    if os.path.exists(cuobjdump):
-        listing = subprocess.run([cuobjdump, "-lelf", "-lptx", str(obj)], capture_output=True,
-                                 text=True).stdout
-        assert "sm_90" in listing, listing
-    print(f"compiled {source.name} -> {obj.stat().st_size} bytes", file=sys.stderr)
+    for source, (obj, proc) in jobs.items():
+        output, _ = proc.communicate(timeout=900)
+        errors = [ln for ln in output.splitlines() if "error" in ln]
+        assert proc.returncode == 0, f"nvcc failed on {source.name}:\n" + "\n".join(
+            errors[:20] or [output[-3000:]])
+        assert obj.stat().st_size > 0, source.name
+        if os.path.exists(cuobjdump):   # the object holds sm_90 code (cuobjdump lists it)
+            listing = subprocess.run([cuobjdump, "-lelf", "-lptx", str(obj)], capture_output=True,
+                                     text=True).stdout
+            assert "sm_90" in listing, (source.name, listing)
+        print(f"compiled {source.name} -> {obj.stat().st_size} bytes", file=sys.stderr)

@@ -293,29 +293,7 @@ def test_linear4bit_fused_path_follows_a_new_weight():
             assert_bytes_equal(expected, a(x), f"Linear4bit's weight {step}")
 
 
-# ---- CUDA: compiled here (no GPU in CI), run where a GPU is ----------------------------------------
-def test_cuda_matmul_source_compiles_to_object(tmp_path):
-    """nvcc compiles csrc/q4_matmul_cuda.cu with the real build's flags (no fast-math, no FMA),
-    like tests/test_cuda_compile.py does for the other ops."""
-    from test_cuda_compile import CMAKE_MACROS, NVCC, nvcc_command
-
-    if NVCC is None:
-        pytest.skip("nvcc not found (CUDA toolkit not installed)")
-    import subprocess
-
-    from q4lab import _build
-
-    include_dir = tmp_path / "include"
-    (include_dir / "c10" / "cuda" / "impl").mkdir(parents=True)
-    (include_dir / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(CMAKE_MACROS)
-    obj = tmp_path / "q4_matmul_cuda.o"
-    done = subprocess.run(nvcc_command(_build.csrc_dir() / "q4_matmul_cuda.cu", obj, include_dir),
-                          capture_output=True, text=True, timeout=600)
-    errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "error" in ln]
-    assert done.returncode == 0, "nvcc failed:\n" + "\n".join(errors[:20] or [done.stderr[-3000:]])
-    assert obj.stat().st_size > 0
-
-
+# ---- CUDA: compiled by tests/test_cuda_compile.py (no GPU in CI), run where a GPU is ----------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_kernel_matches_the_reference():

@@ -515,3 +515,16 @@ def test_no_import_circle_and_old_names_still_resolve(tmp_path):
     nn_py.write_text(nn_py.read_text().replace("from . import ops\n",
                                                "from . import ops\nfrom .files import save\n", 1))
     assert any({"q4lab.nn", "q4lab.files"} <= set(c) for c in import_cycles(tmp_path))
+
+
+def test_load_state_dict_refuses_codes_it_cannot_pair_with_their_absmax():
+    """Linear4bit's state dict carries only ``packed``: loading another layer's codes would keep
+    this layer's absmax and decode silently to wrong weights, so it is refused with the way that
+    works (from_bnb_state_dict), which then gives exactly the other layer's weights."""
+    torch.manual_seed(3)
+    a, b = (nn.Sequential(Linear4bit.from_linear(nn.Linear(64, 16))) for _ in range(2))
+    a.load_state_dict(a.state_dict())                      # its own codes: fine
+    with pytest.raises(RuntimeError, match="from_bnb_state_dict"):
+        a.load_state_dict(b.state_dict())
+    q4lab.from_bnb_state_dict(a, q4lab.to_bnb_state_dict(b))
+    assert torch.equal(a[0].dequantized_weight(), b[0].dequantized_weight())
