@@ -1,6 +1,7 @@
 """q4lab.widgets: interactive figures for 4-bit quantization (ipywidgets controls driving plotly
-figures shown through ``ipywidgets.Output``, see ``_common.LiveFigure``), each a small class whose controls can be set from Python and whose figure data can
-be read back, so every widget is tested headless (bqplot's habit) and in a real browser.
+figures shown through an ``ipywidgets.Output``, see ``_common.LiveFigure``), each a small class
+whose controls can be set from Python and whose figure data can be read back, so every widget is
+tested headless (bqplot's habit) and in a real browser.
 
 - ``codebook_explorer()``: NF4 / FP4 / INT4 levels over N(0, 1), NF4 derived from the quantiles
   (QLoRA §3, bnb ``create_normal_map``).

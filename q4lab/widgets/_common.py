@@ -12,6 +12,7 @@ All quantization goes through :mod:`q4lab.reference` (the specification) and eve
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,6 +22,7 @@ from .. import reference as ref
 from ..constants import QUANT_TYPES  # noqa: F401  (re-exported to the widgets)
 
 F32 = np.float32
+PLOTLY_MIME = "application/vnd.plotly.v1+json"   # rendered by the jupyterlab-plotly extension
 
 
 def new_figure(**layout) -> "LiveFigure":
@@ -39,6 +41,8 @@ class LiveFigure(go.Figure):
     ``jupyterlab-plotly`` extension that plotly installs). :func:`resync` rewrites that output from
     the current data and layout, so the widget state always holds the figure that a page reload
     shows. Displaying ``fig`` in a notebook displays its view; put ``fig.view`` in a ``VBox``.
+    Change a shown figure through :func:`redraw` or ``with updating(fig):`` (or call
+    :func:`resync` after editing it directly).
 
     Why not ``go.FigureWidget``: its widget state carries plotly's 5 MB JavaScript bundle, so a page
     reload of a notebook with a few figures fetches a 20 MB reply whose parsing outlasts
@@ -57,18 +61,13 @@ class LiveFigure(go.Figure):
         return out
 
     def plotly_json(self) -> dict:
-        """The figure as the JSON-safe dict its view shows (plotly's mimetype renderer)."""
-        from plotly.io._base_renderers import PlotlyRenderer
-
-        return PlotlyRenderer().to_mimebundle(self.to_dict())[PLOTLY_MIME]
+        """The figure as the JSON-safe dict its view shows (arrays as plotly's JSON encodes them)."""
+        return json.loads(self.to_json())
 
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.view)
-
-
-PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
 def resync(fig) -> None:
