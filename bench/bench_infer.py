@@ -14,7 +14,7 @@ and dequantize paths' continuations on a few prompts. Note: bitsandbytes 0.50.2'
 CPU and its ``kernels`` package from a model hub; without it (as here) bnb dequantizes per call.
 Writes bench/results/infer_<device>_<date>.json.
 
-    python bench/bench_infer.py [--cycle-mib N] [--tokens 48] [--skip-model]
+    python bench/bench_infer.py [--cycle-mib N] [--tokens 48] [--skip-model] [--compile]
 """
 from __future__ import annotations
 
@@ -247,6 +247,40 @@ def bnb_model(model):
     return model.eval()
 
 
+def compiled_tokens_per_s(model, tok, n: int) -> float:
+    """Greedy decode tokens/s of ``torch.compile(model.forward)`` with a static KV cache (so the
+    shapes stay fixed); warmed up at the same length, so no compilation is timed."""
+    enc = tok("The history of the printing press", return_tensors="pt")
+    kw = dict(do_sample=False, pad_token_id=tok.eos_token_id, cache_implementation="static",
+              max_new_tokens=n, min_new_tokens=n)
+    model.forward = torch.compile(model.forward, dynamic=False)
+    best = 0.0
+    with torch.no_grad():
+        for _ in range(2):                      # compiles (prefill and decode graphs)
+            model.generate(**enc, **kw)
+        for _ in range(2):
+            start = time.perf_counter()
+            out = model.generate(**enc, **kw)
+            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - start))
+    return best
+
+
+def bench_decode_compiled(tokens: int) -> dict:
+    """float32 vs q4lab's fused 4-bit model, each under torch.compile: how far decode gets once most
+    of the per-token Python and small-op overhead is compiled away."""
+    from q4lab import models
+
+    result = {}
+    for name in ("float32", "q4lab NF4+DQ (fused)"):
+        model, tok = models.load_smollm2()
+        model.eval()
+        if name != "float32":
+            q4lab.quantize_model(model, q4lab.Q4Config(compute_dtype=torch.float32), progress=False)
+        result[name] = compiled_tokens_per_s(model, tok, tokens)
+        del model
+    return {"tokens_per_s": result, "tokens": tokens}
+
+
 def bench_decode(tokens: int) -> dict:
     from q4lab import models
     from q4lab.nn import Linear4bit
@@ -300,6 +334,8 @@ def main() -> dict:
                              "at least 256)")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per decode timing")
     parser.add_argument("--skip-model", action="store_true", help="layers only, no SmolLM2 decode")
+    parser.add_argument("--compile", action="store_true",
+                        help="also decode float32 and q4lab fused under torch.compile (minutes)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     assert q4lab.backends()["cpu"] is True, q4lab.backends()
@@ -311,6 +347,8 @@ def main() -> dict:
               "rows_crossover": bench_rows()}
     if not args.skip_model:
         result["decode"] = bench_decode(args.tokens)
+        if args.compile:
+            result["decode_compiled"] = bench_decode_compiled(args.tokens)
     info["load_average_at_end"] = os.getloadavg()
     report(result)
     RESULTS.mkdir(exist_ok=True)
@@ -345,6 +383,12 @@ def report(r: dict) -> None:
               f"{rest['everything else'] + rest['lm_head']:.1f} ms/token (lm_head + everything else): "
               f"at most {1e3 / (rest['everything else'] + rest['lm_head']):.0f} tokens/s")
         print(f"  greedy continuations fused == dequantize: {r['decode']['greedy_continuations_identical']}")
+    if "decode_compiled" in r:
+        tps = r["decode_compiled"]["tokens_per_s"]
+        q = tps["q4lab NF4+DQ (fused)"]
+        print("\nthe same under torch.compile (static KV cache)")
+        for name, v in tps.items():
+            print(f"  {name:40s} {v:6.1f} tokens/s   q4lab fused / this = {q / v:5.2f}x")
 
 
 if __name__ == "__main__":
