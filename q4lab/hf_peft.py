@@ -88,18 +88,11 @@ def read_peft_adapters(directory) -> tuple[dict, int, float, float]:
         tensors = load_file(str(st_path))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"{st_path}: not readable as safetensors ({exc})") from exc
-    modules: dict = {}
-    for key, t in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        head, dot, part = name.rpartition(".lora_")
-        if not dot or part not in ("A.weight", "B.weight"):
-            raise ValueError(f"{st_path}: key {key!r} is not a LoRA A/B weight (q4lab reads "
-                             f"'<module>.lora_A.weight' and '.lora_B.weight' only)")
-        modules.setdefault(head, {})["lora_" + part[0]] = t
-    unpaired = sorted(n for n, d in modules.items() if len(d) != 2)
-    if unpaired or not modules:
-        raise ValueError(f"{st_path}: modules with only one of lora_A / lora_B: {unpaired}"
-                         if unpaired else f"{st_path} holds no adapter weights")
+    from .lora import pair_adapter_tensors
+
+    modules = pair_adapter_tensors(tensors, st_path, PEFT_PREFIX)
+    if not modules:
+        raise ValueError(f"{st_path} holds no adapter weights")
     return modules, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), \
         float(cfg.get("lora_dropout") or 0.0)
 

@@ -282,9 +282,16 @@ def read_adapters(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, s
     if meta.get("format") != ADAPTER_FORMAT or not {"r", "alpha"} <= meta.keys():
         raise ValueError(f"{path}: not a q4lab LoRA adapter file (metadata format="
                          f"{meta.get('format')!r}, expected {ADAPTER_FORMAT!r} with r and alpha)")
+    return pair_adapter_tensors(tensors, path), meta
+
+
+def pair_adapter_tensors(tensors: dict, path, prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"lora_A": A, "lora_B": B}} from ``<prefix><module>.lora_A.weight`` /
+    ``.lora_B.weight`` keys (q4lab's adapter files, and PEFT's with prefix
+    ``base_model.model.``); any other key, or a module with only one of the two, is an error."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        name, dot, part = key.rpartition(".lora_")
+        name, dot, part = key.removeprefix(prefix).rpartition(".lora_")
         if not dot or part not in ("A.weight", "B.weight"):
             raise ValueError(f"{path}: unexpected key {key!r} (expected <module>.lora_A.weight "
                              f"or <module>.lora_B.weight)")
@@ -292,7 +299,7 @@ def read_adapters(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, s
     unpaired = sorted(n for n, d in modules.items() if len(d) != 2)
     if unpaired:
         raise ValueError(f"{path}: modules with only one of lora_A / lora_B: {unpaired}")
-    return modules, meta
+    return modules
 
 
 def _check_config(layer: LoRALinear4bit, name: str, r: int, alpha: float, path) -> None:

@@ -161,6 +161,10 @@ def test_load_adapters_errors_on_broken_directories(q4_with_adapters, tmp_path):
     save_file(sd, str(tmp_path / "half" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="only one of lora_A / lora_B"):
         q4lab.load_adapters(q4lab.from_pretrained(base), tmp_path / "half")
+    sd["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(2, 4)
+    save_file(sd, str(tmp_path / "half" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected key .*lora_embedding_A"):
+        q4lab.load_adapters(q4lab.from_pretrained(base), tmp_path / "half")
     other = q4lab.add_lora(q4lab.from_pretrained(base), r=2, alpha=8,
                            target_modules=("q_proj", "v_proj"))
     with pytest.raises(ValueError, match="does not match"):
