@@ -194,7 +194,7 @@ void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::T
   const float off = offset.has_value() ? offset->contiguous().data_ptr<float>()[0]
                                        : exact_mean_cpu(a, count);
   offset_out.data_ptr<float>()[0] = off;
-  const Q4Dynamic dyn = q4_make_dynamic();
+  const Q4Dynamic& dyn = q4_dynamic();
   uint8_t* q = codes.data_ptr<uint8_t>();
   float* a2 = absmax2.data_ptr<float>();
   parallel_chunks(ngroups, 16, [&](int64_t first, int64_t last) {
@@ -217,7 +217,7 @@ void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::T
 void dequantize_absmax_out_cpu(const at::Tensor& codes, const at::Tensor& absmax2,
                                const at::Tensor& offset, at::Tensor& out) {
   check_dequantize_absmax_out(codes, absmax2, offset, out);
-  const Q4Dynamic dyn = q4_make_dynamic();
+  const Q4Dynamic& dyn = q4_dynamic();
   const uint8_t* q = codes.data_ptr<uint8_t>();
   const float* a2 = absmax2.data_ptr<float>();
   const float off = offset.contiguous().data_ptr<float>()[0];

@@ -190,7 +190,7 @@ void quantize_absmax_out_cuda(const at::Tensor& absmax, const c10::optional<at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   quantize_absmax_kernel<<<grid_for(ngroups * kWarp), kThreads, 0, stream()>>>(
-      a, count, off, q4_make_dynamic(), codes.data_ptr<uint8_t>(), absmax2.data_ptr<float>());
+      a, count, off, q4_dynamic(), codes.data_ptr<uint8_t>(), absmax2.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -201,7 +201,7 @@ void dequantize_absmax_out_cuda(const at::Tensor& codes, const at::Tensor& absma
   at::Tensor off = offset.contiguous();
   dequantize_absmax_kernel<<<grid_for(codes.numel()), kThreads, 0, stream()>>>(
       codes.data_ptr<uint8_t>(), codes.numel(), absmax2.data_ptr<float>(), off.data_ptr<float>(),
-      q4_make_dynamic(), out.data_ptr<float>());
+      q4_dynamic(), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -281,3 +281,10 @@ inline Q4Dynamic q4_make_dynamic() {
   }
   return d;
 }
+
+// The dynamic map, built once per process (host; thread-safe static initialisation): the ops use
+// this instead of rebuilding its 2 KiB on every call (the fused matmul runs once per layer per token).
+inline const Q4Dynamic& q4_dynamic() {
+  static const Q4Dynamic d = q4_make_dynamic();
+  return d;
+}

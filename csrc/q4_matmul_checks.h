@@ -1,6 +1,7 @@
 // q4_matmul_checks.h: argument checks of torch.ops.q4lab.matmul_4bit and its allocating wrapper,
-// shared by the CPU and CUDA implementations (host only); each backend writes only the `_out` form. The Python front end (q4lab/matmul.py) checks user arguments first and
-// says what to do; these checks guard direct calls of the op and name the argument that is wrong.
+// shared by the CPU and CUDA implementations (host only); each backend writes only the `_out` form.
+// The Python front end (q4lab/matmul.py) checks user arguments first and says what to do; these
+// checks guard direct calls of the op and name the argument that is wrong.
 #pragma once
 #include "q4_checks.h"
 #include "q4_matmul.h"

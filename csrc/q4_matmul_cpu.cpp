@@ -247,12 +247,11 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   check_matmul_out(out, x, shape);
   const Isa isa = parse_isa(isa_name);
   if (shape.M == 0) return;
-  const Q4Dynamic dyn = q4_make_dynamic();
   int log2b = 0;
   while ((int64_t(1) << log2b) < blocksize) ++log2b;
   const MatmulPlan p{packed.data_ptr<uint8_t>(), absmax_source(absmax, absmax2, offset),
-                     q4_make_codebook(parse_quant_type(quant_type)), &dyn, shape.N, shape.K,
-                     blocksize, log2b};
+                     q4_make_codebook(parse_quant_type(quant_type)), &q4_dynamic(), shape.N,
+                     shape.K, blocksize, log2b};
   const at::Tensor xf = x.to(at::kFloat).contiguous();  // fp16/bf16 -> float32 is exact
   const float* xs = xf.data_ptr<float>();
   std::vector<float> xd;
