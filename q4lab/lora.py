@@ -285,7 +285,8 @@ def read_adapters(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, s
     return pair_adapter_tensors(tensors, path), meta
 
 
-def pair_adapter_tensors(tensors: dict, path, prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
+def pair_adapter_tensors(tensors: dict, path,
+                         prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
     """{module: {"lora_A": A, "lora_B": B}} from ``<prefix><module>.lora_A.weight`` /
     ``.lora_B.weight`` keys (q4lab's adapter files, and PEFT's with prefix
     ``base_model.model.``); any other key, or a module with only one of the two, is an error."""
