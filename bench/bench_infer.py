@@ -22,8 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +32,9 @@ import torch.nn.functional as F
 
 import q4lab
 from q4lab import matmul as fused
-from q4lab import reference as ref
 from q4lab.testing import assert_bytes_equal
+
+from _machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -309,24 +308,6 @@ def bench_decode(tokens: int) -> dict:
             "continuations": {"fused": answers["auto"], "dequantize": answers["dequantize"]}}
 
 
-def machine() -> dict:
-    import bitsandbytes
-
-    try:
-        import torchao
-        torchao_version = torchao.__version__
-    except ImportError:
-        torchao_version = None
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": os.getloadavg(), "last_level_cache_mib":
-            last_level_cache_bytes() / 2**20, "python": sys.version.split()[0],
-            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "torchao": torchao_version, "q4lab": q4lab.__version__, "isas": fused.isas()}
-
-
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycle-mib", type=float, default=None,
@@ -339,7 +320,7 @@ def main() -> dict:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     assert q4lab.backends()["cpu"] is True, q4lab.backends()
-    info = machine()
+    info = machine(last_level_cache_mib=last_level_cache_bytes() / 2**20, isas=fused.isas())
     cycle = int((args.cycle_mib or max(256, 2 * info["last_level_cache_mib"])) * 2**20)
     bandwidth = read_bandwidth(max(cycle, 1 << 30))
     print(f"torch.sum reads {bandwidth / 1e9:.1f} GB/s", flush=True)

@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from torch import nn
 import q4lab
 from q4lab import models
 from q4lab.testing import byte_mismatch
+
+from _machine import machine
 
 
 def eligible(model) -> list[str]:
@@ -125,13 +126,12 @@ def main() -> dict:
     rep = q4lab.report(model)
     for name in [k for k in list(results) if k.startswith("q4lab_")]:
         print(f"{name}: {results['bitsandbytes'] / results[name]:.2f}x bitsandbytes' speed")
-    out = {"device": device, "torch": torch.__version__, "cpu": platform.processor(),
-           "threads": torch.get_num_threads(), "layers": len(bnb_packed),
+    out = {"device": device, "machine": machine(), "layers": len(bnb_packed),
            "params": rep.total["params"], "seconds": results, "torchao_scope": torchao_scope,
            "timing": "one run each, after a warm-up load", "answer": answer,
            "bytes_before": rep.total["bytes_before"], "bytes_after": rep.total["bytes_after"],
-           "note": rep.note, "date": dt.date.today().isoformat()}
-    path = Path(__file__).parent / "results" / f"model_{device}_{out['date']}.json"
+           "note": rep.note}
+    path = Path(__file__).parent / "results" / f"model_{device}_{dt.date.today().isoformat()}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + os.linesep)
     print(rep.summary(), f"\nwrote {path}")

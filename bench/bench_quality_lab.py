@@ -23,11 +23,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,19 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHANGES = (("quant_type", "fp4"), ("double_quant", False), ("quant_type", "int4"),
            ("quant_type", "nf4"), ("blocksize", 256), ("blocksize", 4096), ("layers", "attention"),
            ("layers", "mlp"), ("lm_head", True), ("compute_dtype", "bfloat16"))
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 def main(argv=None) -> dict:
@@ -61,9 +49,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
-    import transformers
 
-    import q4lab
     from q4lab import widgets
 
     if args.threads:
@@ -93,10 +79,7 @@ def main(argv=None) -> dict:
     load_after = os.getloadavg()
     result = {
         "benchmark": "quality_lab seconds per control change", "target_seconds": 10.0,
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "versions": {"q4lab": q4lab.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "machine": machine(), "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "model": "SmolLM2-135M-Instruct (q4lab.models.load_smollm2, float32)",
         "tokens": lab.ids.numel(), "new_tokens": args.new_tokens,

@@ -16,19 +16,18 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import q4lab
 from q4lab import reference as ref
 from q4lab.testing import assert_bytes_equal, byte_mismatch
+
+from _machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = int(os.environ.get("Q4LAB_BENCH_REPEATS", "7"))
@@ -181,18 +180,6 @@ def memory(w: torch.Tensor) -> dict:
             "note": "extra = the float32 absmax (input of double quant) and ops.py's isfinite "
                     "check on it; the kernels' own scratch is on the stack (<= one block per "
                     "thread) plus 2 KiB of exponent bins per 65536 blocks"}
-
-
-def machine() -> dict:
-    import bitsandbytes
-    import torchao
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "torchao": torchao.__version__,
-            "q4lab": q4lab.__version__}
 
 
 def main() -> dict:

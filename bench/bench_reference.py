@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ import torch
 
 from q4lab import reference as ref
 from q4lab.testing import assert_bytes_equal
+
+from _machine import machine
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -41,7 +41,6 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    import bitsandbytes
     import bitsandbytes.functional as bnbf
 
     rng = np.random.default_rng(0)
@@ -63,11 +62,7 @@ def main() -> dict:
         "reference_s": t_ref, "bnb_cpu_s": t_bnb,
         "reference_elements_per_s": n / t_ref, "bnb_cpu_elements_per_s": n / t_bnb,
         "speedup_reference_over_bnb": t_bnb / t_ref,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
-        "versions": {"numpy": np.__version__, "torch": torch.__version__,
-                     "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version()},
+        "machine": machine(),
     }
     print(f"{result['what']}")
     print(f"  q4lab reference : {t_ref * 1e3:8.1f} ms  {n / t_ref / 1e6:7.1f} M elements/s")

@@ -28,13 +28,14 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import machine
 
 LLAMA = {"7B": dict(hidden=4096, mlp=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
          "70B": dict(hidden=8192, mlp=28672, layers=80, heads=64, kv_heads=8, vocab=32000)}
@@ -218,23 +219,6 @@ def arithmetic(stream: dict, imports: dict, baseline: dict, ckpt: dict, seconds:
     return out
 
 
-def versions() -> dict:
-    import torch
-    import transformers
-
-    import q4lab
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "q4lab": q4lab.__version__,
-           "cpu": platform.machine(), "cores": os.cpu_count(), "torch_threads":
-           torch.get_num_threads()}
-    try:
-        import bitsandbytes
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=3)
@@ -268,11 +252,8 @@ def main() -> None:
             raise SystemExit(f"validation failed: identical files {same}, {check}")
         size_mb = ckpt["bytes"] / 2**20
         result = {
-            "machine": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        **versions(), "load_average_at_end": [round(x, 2) for x in
-                                                              os.getloadavg()],
-                        "note": "shared 2-core machine, other jobs running: see each "
-                                "load_average_before_after"},
+            "machine": machine(note="load_average is at the end; each child records its "
+                                    "load_average_before_after"),
             "checkpoint": {**ckpt, "layers": args.layers, "dtype": "bfloat16",
                            "shapes": "Llama-2-7B (hidden 4096, MLP 11008, vocab 32000, untied)"},
             "validation": {"streamed_equals_load_quantize_save": same, **check},

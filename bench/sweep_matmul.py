@@ -12,7 +12,6 @@ reported with case, form and "k/n bytes differ, first at i". Writes bench/result
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import q4lab
 from q4lab import matmul as fused
 from q4lab.constants import BLOCKSIZES, QUANT_TYPES
 from q4lab.testing import byte_mismatch
+
+from _machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,10 +70,9 @@ def main() -> dict:
             if msg is not None:
                 mismatches.append(f"case {case} {desc} isa={isa} threads={threads}: {msg}")
     seconds = time.perf_counter() - start
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "cases": args.cases, "seed": args.seed, "isas": isas, "comparisons": compared,
+    result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas, "comparisons": compared,
               "mismatches": len(mismatches), "first_mismatches": mismatches[:20],
-              "seconds": round(seconds, 1), "torch": torch.__version__, "q4lab": q4lab.__version__}
+              "seconds": round(seconds, 1)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sweep_matmul_cpu.json").write_text(json.dumps(result, indent=2))
     print(f"{args.cases} cases x {len(isas)} forms: {len(mismatches)} mismatches in {seconds:.0f} s")

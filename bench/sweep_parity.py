@@ -11,23 +11,20 @@ replayed (``--replay SEED``). The summary goes to ``bench/results/sweep_cpu.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-import q4lab
 from q4lab import _kernels
 from q4lab.constants import BLOCKSIZES, DTYPES, QUANT_TYPES
 from q4lab.testing import boundary_values, parity_mismatches, round_to_dtype
+
+from _machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("normal", "boundary", "subnormal", "huge", "zeros", "mixed")
@@ -79,16 +76,9 @@ def compare(case: dict) -> str | None:
 
 
 def summary(args, counts: dict, failures: list, seconds: float) -> dict:
-    import bitsandbytes
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cases": args.cases, "first_seed": args.seed, "mismatching_cases": len(failures),
+    return {"cases": args.cases, "first_seed": args.seed, "mismatching_cases": len(failures),
             "failures": failures[:20], "seconds": round(seconds, 1), "counts": counts,
-            "machine": {"cpu": platform.processor() or platform.machine(),
-                        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "numpy": np.__version__, "q4lab": q4lab.__version__,
-                         "bitsandbytes": bitsandbytes.__version__}}
+            "machine": machine()}
 
 
 def main(argv=None) -> int:
