@@ -42,7 +42,6 @@ def check_parity(x, dtype, blocksize, quant_type, double_quant, offset=None, wha
                   what=what)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: s.name)
 def test_sample_inputs_parity(sample):
     check_parity(sample.x, sample.dtype, sample.blocksize, sample.quant_type, sample.double_quant,

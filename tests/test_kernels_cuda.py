@@ -27,7 +27,6 @@ def kernels():
     assert status is True, f"CUDA kernels must build on a GPU machine: {status}"
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("sample", sample_inputs(), ids=lambda s: s.name)
 def test_reference_cpu_cuda_identical(sample):
     """Both kernels against the reference (``q4lab.testing.parity_mismatches``: every output

@@ -137,7 +137,8 @@ def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.nda
     """Dequantize to an array of ``state.shape``.
 
     out = RN(table[code] * absmax) in float32 (the default, returned as is); with ``dtype`` =
-    'float16' rounded to nearest even as a float16 array, with 'bfloat16' as a float32 array of the
+    'float16' rounded to nearest even as a float16 array (magnitudes that round beyond 65504 become
+    ±inf, as torch's ``.to(torch.float16)`` gives), with 'bfloat16' as a float32 array of the
     bf16 values (NumPy has no bfloat16). ``dtype=None`` means the state's original dtype.
     """
     state = state.numpy()
@@ -148,7 +149,8 @@ def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.nda
     codes = unpack_nibbles(packed, state.numel)
     out = decode(codes, state_absmax(state), state.blocksize, state.quant_type)
     if dtype == "float16":
-        out = out.astype(np.float16)
+        with np.errstate(over="ignore"):  # |values| beyond float16's range become ±inf, by rule
+            out = out.astype(np.float16)
     elif dtype == "bfloat16":
         out = round_to_bfloat16(out)
     return out.reshape(state.shape)
