@@ -12,7 +12,7 @@ streamed directory must equal, file for file and byte for byte, ``quantize_model
 repacking turned off, as in tests/test_hf.py). Then the arithmetic for Llama-2-7B and -70B: bytes
 read and written, RAM needed, minutes at the measured rate.
 
-Streaming keeps one weight tensor and its 4-bit result in memory (q4lab/stream.py); what it adds
+Streaming keeps one weight tensor and its 4-bit result in memory (q4lab/formats/stream.py); what it adds
 besides is the import of transformers' model code (to build the model on the meta device and
 decide which tensors are Linear weights), measured separately as ``imports_rss``.
 Writes bench/results/stream_cpu_<date>.json. The machine is shared: the load average before and
@@ -64,7 +64,7 @@ def child(kind: str, src: str, dst: str) -> dict:
     elif kind == "imports":  # what streaming imports besides torch + q4lab: transformers' model
         from transformers import AutoConfig
 
-        from q4lab.hf import empty_model
+        from q4lab.formats.hf import empty_model
 
         empty_model(AutoConfig.from_pretrained(src))
     elif kind == "stream":

@@ -3,8 +3,9 @@
 ``q4lab.reference`` is the NumPy specification (importable without torch). Everything else is the
 torch front end, loaded lazily on first access so that ``from q4lab import reference`` never imports
 torch: ``quantize_4bit`` / ``dequantize_4bit`` / ``backends`` (ops), ``Linear4bit`` /
-``Q4Config`` (nn), ``quantize_model`` (quantize), ``save`` / ``load`` (files), ``report``,
-``add_lora`` (lora), bitsandbytes state-dict conversion (interop), ``widgets`` and ``models``.
+``Q4Config`` (nn), ``quantize_model`` (quantize), ``report``, ``add_lora`` (lora), every file
+format (``formats``: ``save`` / ``load``, bitsandbytes state dicts, transformers and PEFT
+directories, streaming), ``widgets`` and ``models``.
 """
 from importlib import import_module
 
@@ -14,18 +15,19 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "quantize_4bit": "ops", "dequantize_4bit": "ops", "backends": "ops", "matmul_4bit": "matmul",
-    "Linear4bit": "nn", "Q4Config": "nn", "quantize_model": "quantize", "save": "files",
-    "load": "files",
+    "Linear4bit": "nn", "Q4Config": "nn", "quantize_model": "quantize",
+    "save": "formats.safetensors_file", "load": "formats.safetensors_file",
     "report": "report", "Report": "report",
     "add_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "LoRALinear4bit": "lora",
     "save_adapters": "lora", "load_adapters": "lora", "training_memory": "lora",
-    "to_bnb_state_dict": "interop", "from_bnb_state_dict": "interop",
-    "save_pretrained": "hf", "from_pretrained": "hf", "quantize_checkpoint": "stream",
+    "to_bnb_state_dict": "formats.bnb", "from_bnb_state_dict": "formats.bnb",
+    "save_pretrained": "formats.hf", "from_pretrained": "formats.hf",
+    "quantize_checkpoint": "formats.stream",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
                "interop", "quantize", "files", "metrics", "matmul", "constants")
 _SUBMODULES += ("hf", "checkpoint", "stream")
-_SUBMODULES += ("quality",)
+_SUBMODULES += ("quality", "formats")
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]
 

@@ -10,7 +10,7 @@ dropout on the adapter input, ``scaling = lora_alpha / r``) and PEFT's safetenso
 Function gives the input its gradient through the dequantized weight and never stores a gradient
 (or a copy) of the packed uint8 weight. Memory accounting (``training_memory``) lives in
 ``q4lab.lora_memory`` and is re-exported here. Adapters are saved as PEFT adapter directories
-(``q4lab.hf_peft``) or as q4lab's single safetensors file.
+(``q4lab.formats.peft``) or as q4lab's single safetensors file.
 """
 from __future__ import annotations
 
@@ -246,14 +246,14 @@ def save_adapters(model: nn.Module, path) -> dict:
     """Write only the adapters. ``path`` not ending in ``.safetensors``: a PEFT adapter directory
     (``adapter_config.json`` + ``adapter_model.safetensors``, keys
     ``base_model.model.<module>.lora_A.weight``) that ``peft.PeftModel.from_pretrained`` loads over
-    the transformers + bitsandbytes base (``q4lab.hf_peft.save_peft_adapters``); returns its config.
+    the transformers + bitsandbytes base (``formats.peft.save_peft_adapters``); returns its config.
     ``path`` ending in ``.safetensors``: q4lab's single file, keys ``<module>.lora_A.weight``
     (r x in) and ``<module>.lora_B.weight`` (out x r) in the compute dtype, r, alpha, dropout and
     the target names in the file's metadata; returns the metadata."""
     from safetensors.torch import save_file
 
     if not str(path).endswith(".safetensors"):
-        from .hf_peft import save_peft_adapters
+        from .formats.peft import save_peft_adapters
 
         return save_peft_adapters(model, path)
     layers = lora_layers(model)
@@ -317,7 +317,7 @@ def _check_shape(name: str, part: str, got: torch.Tensor, want: torch.Tensor, pa
 
 def load_adapters(model: nn.Module, path) -> nn.Module:
     """Load adapters into ``model`` (in place; returns it): a PEFT LoRA adapter directory (written
-    by PEFT's ``save_pretrained`` or by :func:`save_adapters`; ``q4lab.hf_peft.read_peft_adapters``)
+    by PEFT's ``save_pretrained`` or by :func:`save_adapters`; ``formats.peft.read_peft_adapters``)
     or a q4lab single adapter file.
 
     If the model has no adapters yet, they are added first (``add_lora`` on exactly the modules
@@ -328,7 +328,7 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     from pathlib import Path
 
     if Path(path).is_dir():
-        from .hf_peft import read_peft_adapters
+        from .formats.peft import read_peft_adapters
 
         modules, r, alpha, dropout = read_peft_adapters(path)
     else:

@@ -8,7 +8,7 @@ gradient for the input only (the packed weight is frozen and never gets one). ``
 QLoRA's defaults (arXiv 2305.14314 §3: NF4, blocksize 64, double quant, bf16 compute).
 
 One job per module (docs/architecture.md): the model walk ``quantize_model`` is in
-``q4lab.quantize``, ``save`` / ``load`` in ``q4lab.files``, ``error_stats`` in ``q4lab.metrics``.
+``q4lab.quantize``, ``save`` / ``load`` in ``q4lab.formats.safetensors_file``, ``error_stats`` in ``q4lab.metrics``.
 This module imports none of them; ``q4lab.nn.quantize_model`` etc. still resolve, lazily, through
 the module ``__getattr__`` at the end (PEP 562), so no import circle exists.
 """

@@ -4,7 +4,7 @@
 Source: transformers ``integrations/bitsandbytes.py::replace_with_bnb_linear`` (skip ``lm_head`` and
 ``llm_int8_skip_modules``, matched on name components) with QLoRA's defaults (arXiv 2305.14314 §3:
 NF4, blocksize 64, double quant, bf16 compute), held in :class:`q4lab.nn.Q4Config`. The layer itself
-is in ``q4lab.nn``; files (``save`` / ``load``) in ``q4lab.files``; error numbers in
+is in ``q4lab.nn``; files (``save`` / ``load``) in ``q4lab.formats.safetensors_file``; error numbers in
 ``q4lab.metrics``. docs/architecture.md describes how these modules depend on each other.
 """
 from __future__ import annotations

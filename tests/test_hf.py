@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import q4lab
-from q4lab import hf
+from q4lab.formats import hf
 from q4lab.testing import assert_bytes_equal
 
 transformers = pytest.importorskip("transformers")

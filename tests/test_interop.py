@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import q4lab
-from q4lab import Linear4bit, interop, ops, testing
+from q4lab import Linear4bit, ops, testing
+from q4lab.formats import bnb as interop
 from q4lab import reference as ref
 from q4lab.constants import BNB_QUANT_TYPES, FP4_SIGN_BIT
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import q4lab
-from q4lab import Linear4bit, Q4Config, interop, testing
+from q4lab import Linear4bit, Q4Config, testing
+from q4lab.formats import bnb as interop
 
 models = pytest.importorskip("q4lab.models")
 if models.available()["minilm"] is not True:

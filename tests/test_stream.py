@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import q4lab
-from q4lab.checkpoint import inventory, read_header
+from q4lab.formats.shards import inventory, read_header
 from q4lab.testing import assert_bytes_equal
 
 transformers = pytest.importorskip("transformers")

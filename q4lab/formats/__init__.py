@@ -1,0 +1,12 @@
+"""q4lab.formats: every file format q4lab reads or writes, in one place.
+
+- ``bnb``               bitsandbytes 4-bit state dicts and ``bnb.nn.Linear4bit`` layers, both ways
+- ``safetensors_file``  ``q4lab.save`` / ``q4lab.load``: one model in one safetensors file
+- ``shards``            safetensors shards tensor by tensor (read, write, index), no memory map
+- ``hf``                transformers model directories (``save_pretrained`` / ``from_pretrained``)
+- ``peft``              PEFT adapter directories (``save_adapters`` / ``load_adapters`` use them)
+- ``stream``            ``quantize_checkpoint``: a checkpoint larger than memory, one tensor at a time
+
+The old module names (``q4lab.interop``, ``q4lab.files``, ``q4lab.checkpoint``, ``q4lab.hf``,
+``q4lab.hf_peft``, ``q4lab.stream``) still import: each is the module above under its old name.
+"""
