@@ -10,9 +10,9 @@ Every method is validated before it is timed (llm.c's rule): q4lab's kernel must
 spec byte for byte on the first layer, and every method must agree with float64 x @ W_hat.T.
 Part 2 decodes with a KV cache (greedy, batch 1), splits each model's time per token into linear
 layers, lm_head and everything else (forward hooks, one extra decode), and compares q4lab's fused
-and dequantize paths' continuations on a few prompts. Note: bitsandbytes 0.50.2's fused CPU kernel needs an AVX512-BF16
-CPU and its ``kernels`` package from a model hub; without it (as here) bnb dequantizes per call.
-Writes bench/results/infer_<device>_<date>.json.
+and dequantize paths' continuations on a few prompts. Note: bitsandbytes 0.50.2's fused CPU kernel
+needs an AVX512-BF16 CPU and its ``kernels`` package from a model hub; without it (as here) bnb
+dequantizes per call. Writes bench/results/infer_<device>_<date>.json.
 
     python bench/bench_infer.py [--cycle-mib N] [--tokens 48] [--skip-model] [--compile]
 """
@@ -136,20 +136,25 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     timings = {}
     for isa in fused.isas():
         timings[f"q4lab fused ({isa})"] = cycle_time(
-            quantized, lambda l, isa=isa: fused._kernel(xs[l[1].shape[1]], l[0], l[1], None, isa),
+            quantized,
+            lambda layer, isa=isa: fused._kernel(xs[layer[1].shape[1]], layer[0], layer[1], None,
+                                                 isa),
             passes=5 if isa != "portable" else 1)
     timings["q4lab fused (auto)"] = cycle_time(
-        quantized, lambda l: q4lab.matmul_4bit(xs[l[1].shape[1]], l[0], l[1]), passes=5)
+        quantized, lambda layer: q4lab.matmul_4bit(xs[layer[1].shape[1]], layer[0], layer[1]),
+        passes=5)
     few = quantized[: max(len(SHAPES), len(quantized) // 4)]
     timings["dequantize + F.linear (q4lab before)"] = cycle_time(
-        few, lambda l: F.linear(xs[l[1].shape[1]], q4lab.dequantize_4bit(l[0], l[1], torch.float32)),
+        few, lambda layer: F.linear(xs[layer[1].shape[1]],
+                                    q4lab.dequantize_4bit(layer[0], layer[1], torch.float32)),
         passes=2)
     bnb_layers = [(p.view(-1, 1).t(), bnb_state(s), s.shape[1]) for p, s in few]
     timings["bitsandbytes matmul_4bit"] = cycle_time(
-        bnb_layers, lambda l: bnb.matmul_4bit(xs[l[2]], l[0], l[1]), passes=2)
+        bnb_layers, lambda layer: bnb.matmul_4bit(xs[layer[2]], layer[0], layer[1]), passes=2)
     del quantized, few, bnb_layers
     floats = make_layers(cycle_bytes, lambda s: s[0] * s[1] * 4, lambda s, i: weight(s, i))
-    timings["float32 F.linear"] = cycle_time(floats, lambda w: F.linear(xs[w.shape[1]], w), passes=3)
+    timings["float32 F.linear"] = cycle_time(floats, lambda w: F.linear(xs[w.shape[1]], w),
+                                             passes=3)
     del floats
 
     base = timings["q4lab fused (auto)"]
@@ -168,8 +173,8 @@ def bench_rows() -> dict:
     out = {}
     for rows in (1, 2, 4, 8, 16, 32, 64):
         x = torch.randn(rows, 4096)
-        fused_s = cycle_time([None], lambda _: q4lab.matmul_4bit(x, packed, state), passes=5)
-        deq_s = cycle_time([None], lambda _: F.linear(x, q4lab.dequantize_4bit(packed, state,
+        fused_s = cycle_time([None], lambda _, x=x: q4lab.matmul_4bit(x, packed, state), passes=5)
+        deq_s = cycle_time([None], lambda _, x=x: F.linear(x, q4lab.dequantize_4bit(packed, state,
                                                                                 torch.float32)),
                            passes=5)
         out[rows] = {"fused_ms": fused_s * 1e3, "dequantize_linear_ms": deq_s * 1e3}
@@ -186,7 +191,8 @@ def decode_tokens_per_s(model, tok, n: int) -> float:
         for _ in range(2):
             start = time.perf_counter()
             out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
-            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / seconds)
     return best
 
 
@@ -260,7 +266,8 @@ def compiled_tokens_per_s(model, tok, n: int) -> float:
         for _ in range(2):
             start = time.perf_counter()
             out = model.generate(**enc, **kw)
-            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            best = max(best, (out.shape[1] - enc["input_ids"].shape[1]) / seconds)
     return best
 
 
@@ -324,7 +331,8 @@ def main() -> dict:
     cycle = int((args.cycle_mib or max(256, 2 * info["last_level_cache_mib"])) * 2**20)
     bandwidth = read_bandwidth(max(cycle, 1 << 30))
     print(f"torch.sum reads {bandwidth / 1e9:.1f} GB/s", flush=True)
-    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9, "layers": bench_layers(cycle, bandwidth),
+    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9,
+              "layers": bench_layers(cycle, bandwidth),
               "rows_crossover": bench_rows()}
     if not args.skip_model:
         result["decode"] = bench_decode(args.tokens)
@@ -341,10 +349,12 @@ def main() -> dict:
 
 def report(r: dict) -> None:
     lay = r["layers"]
-    print(f"\none-row matmul, cycle of {lay['layers_in_cycle']} layers ({lay['packed_mib_in_cycle']:.0f}"
-          f" MiB packed), torch.sum {r['torch_sum_GBps']:.1f} GB/s")
+    print(f"\none-row matmul, cycle of {lay['layers_in_cycle']} layers "
+          f"({lay['packed_mib_in_cycle']:.0f} MiB packed), "
+          f"torch.sum {r['torch_sum_GBps']:.1f} GB/s")
     for name, ms in lay["ms_per_layer"].items():
-        print(f"  {name:40s} {ms:8.2f} ms/layer   q4lab fused is {lay['speedup_vs'][name]:6.2f}x faster")
+        print(f"  {name:40s} {ms:8.2f} ms/layer   "
+              f"q4lab fused is {lay['speedup_vs'][name]:6.2f}x faster")
     print(f"  q4lab fused reads {lay['packed_GBps_q4lab_fused']:.1f} GB/s of packed bytes = "
           f"{100 * lay['fraction_of_torch_sum_bandwidth']:.0f}% of torch.sum's bandwidth")
     print("\nrows of x (4096x4096 layer):  " + "  ".join(
@@ -361,9 +371,11 @@ def report(r: dict) -> None:
                   f"ms/token: {parts}")
         rest = split["q4lab NF4+DQ (fused)"]
         print(f"  with zero-time linear layers the fused model would still need "
-              f"{rest['everything else'] + rest['lm_head']:.1f} ms/token (lm_head + everything else): "
+              f"{rest['everything else'] + rest['lm_head']:.1f} ms/token "
+              f"(lm_head + everything else): "
               f"at most {1e3 / (rest['everything else'] + rest['lm_head']):.0f} tokens/s")
-        print(f"  greedy continuations fused == dequantize: {r['decode']['greedy_continuations_identical']}")
+        identical = r['decode']['greedy_continuations_identical']
+        print(f"  greedy continuations fused == dequantize: {identical}")
     if "decode_compiled" in r:
         tps = r["decode_compiled"]["tokens_per_s"]
         q = tps["q4lab NF4+DQ (fused)"]
