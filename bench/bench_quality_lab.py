@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
         "changes": changes,
     }
     print(f"median {result['median_seconds']:.2f} s, max {result['max_seconds']:.2f} s per change "
-          f"(target <= 10 s), median {result['median_cpu_seconds']:.2f} CPU s; load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
+          f"(target <= 10 s), median {result['median_cpu_seconds']:.2f} CPU s; "
+          f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
     out = args.out or ROOT / "bench" / "results" / f"quality_lab_cpu_{dt.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

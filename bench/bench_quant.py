@@ -150,7 +150,7 @@ def scaling() -> dict:
     try:
         for rows, cols in ((2048, 2048), (8192, 8192)):
             w = torch.randn(rows, cols).to(torch.bfloat16)
-            t = timed(lambda: q4lab.quantize_4bit(w, 64, "nf4", True, backend="cpu"), 5)
+            t = timed(lambda w=w: q4lab.quantize_4bit(w, 64, "nf4", True, backend="cpu"), 5)
             out[f"{rows * cols}"] = {**t, "elements_per_s": w.numel() / t["wall_s"]}
     finally:
         torch.set_num_threads(threads)

@@ -3,7 +3,8 @@
 Issue 2's bar: ``q4lab.reference.quantize_4bit`` (NF4, double quant, blocksize 64) on a 4096x4096
 float32 tensor is no slower than ``bitsandbytes.functional.quantize_4bit`` on the CPU. Outputs are
 validated first (NF4 packed bytes and absmax identical), then each side is timed as the median of
-``--repeats`` runs after a warm-up, and the ratio printed. Writes bench/results/reference_cpu_<date>.json.
+``--repeats`` runs after a warm-up, and the ratio printed. Writes
+bench/results/reference_cpu_<date>.json.
 
     python bench/bench_reference.py [--size 4096] [--repeats 5]
 """

@@ -1,7 +1,7 @@
-"""Peak memory and speed of streaming quantization: ``q4lab.quantize_checkpoint`` vs loading the model
-with transformers and calling ``q4lab.quantize_model``, on a sharded bf16 checkpoint with Llama-2-7B
-layer shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000, untied output layer) that this script
-writes itself: 3 decoder layers, 1.74 GB in 4 shards (``--layers`` changes the size).
+"""Peak memory and speed of streaming quantization: ``q4lab.quantize_checkpoint`` vs loading the
+model with transformers and calling ``q4lab.quantize_model``, on a sharded bf16 checkpoint with
+Llama-2-7B layer shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000, untied output layer) that
+this script writes itself: 3 decoder layers, 1.74 GB in 4 shards (``--layers`` changes the size).
 
 Each measurement runs in its own child interpreter and reports its peak resident set (``VmHWM`` in
 ``/proc/self/status``, which counts memory-mapped file pages too). The reference point is a child
@@ -12,8 +12,8 @@ streamed directory must equal, file for file and byte for byte, ``quantize_model
 repacking turned off, as in tests/test_hf.py). Then the arithmetic for Llama-2-7B and -70B: bytes
 read and written, RAM needed, minutes at the measured rate.
 
-Streaming keeps one weight tensor and its 4-bit result in memory (q4lab/formats/stream.py); what it adds
-besides is the import of transformers' model code (to build the model on the meta device and
+Streaming keeps one weight tensor and its 4-bit result in memory (q4lab/formats/stream.py); what it
+adds besides is the import of transformers' model code (to build the model on the meta device and
 decide which tensors are Linear weights), measured separately as ``imports_rss``.
 Writes bench/results/stream_cpu_<date>.json. The machine is shared: the load average before and
 after each child is recorded beside the timings.
@@ -114,7 +114,7 @@ def run_child(kind: str, src, dst="") -> dict:
     return out
 
 
-# ---- the checkpoint -------------------------------------------------------------------------------
+# ---- the checkpoint ------------------------------------------------------------------------------
 def write_checkpoint(directory: Path, layers: int, shard_bytes: int = 500_000_000) -> dict:
     """A bf16 Llama checkpoint with 7B shapes and random N(0, 0.02) weights, written shard by
     shard with safetensors' save_file (as transformers shards: one index, ~500 MB per shard)."""
@@ -132,7 +132,8 @@ def write_checkpoint(directory: Path, layers: int, shard_bytes: int = 500_000_00
     shapes = [("model.embed_tokens.weight", (v, h))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        shapes += [(p + "input_layernorm.weight", (h,)),
+                   (p + "post_attention_layernorm.weight", (h,))]
         shapes += [(p + f"self_attn.{n}_proj.weight", (h, h)) for n in "qkvo"]
         shapes += [(p + "mlp.gate_proj.weight", (m, h)), (p + "mlp.up_proj.weight", (m, h)),
                    (p + "mlp.down_proj.weight", (h, m))]
@@ -178,7 +179,7 @@ def digests(directory: Path) -> dict:
     return out
 
 
-# ---- 7B / 70B arithmetic --------------------------------------------------------------------------
+# ---- 7B / 70B arithmetic -------------------------------------------------------------------------
 def model_bytes(s: dict) -> dict:
     """Source (bf16) and 4-bit output bytes of a Llama with shapes ``s``: NF4 + double quant at
     blocksize 64 on every decoder Linear (packed n/2, uint8 absmax per 64, float32 per 256 blocks,
@@ -222,7 +223,8 @@ def arithmetic(stream: dict, imports: dict, baseline: dict, ckpt: dict, seconds:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="q4lab-bench-stream-"))
@@ -242,7 +244,8 @@ def main() -> None:
         baseline = run_child("baseline", src)
         imports = run_child("imports", src)
         stream = run_child("stream", src, streamed)
-        print(f"streaming: peak {stream['peak_mb']:.0f} MB in {stream['seconds']:.1f} s", flush=True)
+        print(f"streaming: peak {stream['peak_mb']:.0f} MB in {stream['seconds']:.1f} s",
+              flush=True)
         load = run_child("load", src, loaded)
         print(f"load + quantize_model: peak {load['peak_mb']:.0f} MB in {load['seconds']:.1f} s",
               flush=True)

@@ -3,9 +3,10 @@ matmul_4bit`` (portable, AVX2, AVX-512) against the NumPy spec ``q4lab.reference
 byte for byte, at 1 and 2 threads (docs/format.md §12-§16).
 
 Each case draws a shape (rows N 1-48, columns K 1-320 with a bias toward multiples of 32, where the
-SIMD forms run), a blocksize 32-512, a quant type, nesting, an input dtype, 0-4 input rows, a bias or
-not, and a weight scale spanning 2^-20 to 2^20 (with all-zero rows now and then). Mismatches are
-reported with case, form and "k/n bytes differ, first at i". Writes bench/results/sweep_matmul_cpu.json.
+SIMD forms run), a blocksize 32-512, a quant type, nesting, an input dtype, 0-4 input rows, a bias
+or not, and a weight scale spanning 2^-20 to 2^20 (with all-zero rows now and then). Mismatches are
+reported with case, form and "k/n bytes differ, first at i". Writes
+bench/results/sweep_matmul_cpu.json.
 
     python bench/sweep_matmul.py [--cases 100000] [--seed 0]
 """
@@ -42,11 +43,13 @@ def draw_case(rng: np.random.Generator):
     if rng.random() < 0.1:
         w[int(rng.integers(0, n))] = 0.0
     dtype = DTYPES[int(rng.integers(0, 3))]
-    x = torch.from_numpy(rng.standard_normal((int(rng.integers(0, 5)), k)).astype(np.float32)).to(dtype)
+    rows = int(rng.integers(0, 5))
+    x = torch.from_numpy(rng.standard_normal((rows, k)).astype(np.float32)).to(dtype)
     bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(dtype) \
         if rng.random() < 0.5 else None
     packed, state = q4lab.quantize_4bit(w, blocksize, quant_type, nested)
-    desc = f"({n},{k}) bs{blocksize} {quant_type} dq={nested} {dtype} rows={x.shape[0]} bias={bias is not None}"
+    desc = (f"({n},{k}) bs{blocksize} {quant_type} dq={nested} {dtype} rows={x.shape[0]} "
+            f"bias={bias is not None}")
     return desc, x, packed, state, bias
 
 
@@ -70,12 +73,14 @@ def main() -> dict:
             if msg is not None:
                 mismatches.append(f"case {case} {desc} isa={isa} threads={threads}: {msg}")
     seconds = time.perf_counter() - start
-    result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas, "comparisons": compared,
+    result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas,
+              "comparisons": compared,
               "mismatches": len(mismatches), "first_mismatches": mismatches[:20],
               "seconds": round(seconds, 1)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sweep_matmul_cpu.json").write_text(json.dumps(result, indent=2))
-    print(f"{args.cases} cases x {len(isas)} forms: {len(mismatches)} mismatches in {seconds:.0f} s")
+    print(f"{args.cases} cases x {len(isas)} forms: {len(mismatches)} mismatches "
+          f"in {seconds:.0f} s")
     for m in mismatches[:20]:
         print("  ", m)
     return result

@@ -1,8 +1,8 @@
 """Command line: ``python -m q4lab quantize SOURCE DESTINATION [options]``.
 
 Streams a (sharded) safetensors transformers checkpoint into a transformers + bitsandbytes 4-bit
-directory with ``q4lab.quantize_checkpoint`` (q4lab/formats/stream.py); the options are the fields of
-``q4lab.Q4Config``. Errors print one line and exit with status 1.
+directory with ``q4lab.quantize_checkpoint`` (q4lab/formats/stream.py); the options are the fields
+of ``q4lab.Q4Config``. Errors print one line and exit with status 1.
 """
 from __future__ import annotations
 

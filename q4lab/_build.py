@@ -7,7 +7,8 @@ fused matmul, ``q4_matmul_*``) with ninja into the torch extensions cache
 (the extension-cpp pattern). The extension name carries a hash of every csrc file, the flags and the
 CPU's instruction set, so editing a header rebuilds, and a cached library is loaded directly with
 ``torch.ops.load_library`` (quiet, milliseconds). Flags: C++ ``-O3 -march=native -ffp-contract=off``
-(no fast-math: every float op is one IEEE rounding); nvcc ``--fmad=false --ftz=false --prec-div=true``.
+(no fast-math: every float op is one IEEE rounding); nvcc ``--fmad=false --ftz=false
+--prec-div=true``.
 
 Source lookup: the repository's ``csrc/`` (editable install, ``pip install -e .``); a wheel must
 ship the sources as ``q4lab/csrc/*`` (package data), which is looked up first.

@@ -2,8 +2,8 @@
 and ``q4lab/constants.py``.
 
 The C++ and CUDA kernels never carry a hand-copied constant (bitsandbytes' habit of retyping decimal
-literals in ``kernels.cu::dQuantizeNF4`` is what makes its thresholds differ from its codebook): every
-table is written here as float32 *bit patterns*, straight from the reference arrays, and every
+literals in ``kernels.cu::dQuantizeNF4`` is what makes its thresholds differ from its codebook):
+every table is written here as float32 *bit patterns*, straight from the reference arrays, and every
 format constant (blocksizes, nested blocksize, quant type names and their enum, zero codes, the FP4
 sign bit) straight from ``q4lab.constants``. A test (``tests/test_kernels.py``) regenerates the
 header and diffs it against the committed one (docs/architecture.md §2).
@@ -34,7 +34,8 @@ def _hex_rows(values: np.ndarray, fmt: str) -> str:
 def _f32_table(name: str, values, comment: str) -> str:
     bits = np.asarray(values, dtype=np.float32).view(np.uint32)
     return (f"// {comment}\n"
-            f"static const uint32_t {name}[{bits.size}] = {{\n{_hex_rows(bits, '0x{:08x}u')}\n}};\n")
+            f"static const uint32_t {name}[{bits.size}] = {{\n"
+            f"{_hex_rows(bits, '0x{:08x}u')}\n}};\n")
 
 
 def _u8_table(name: str, values, comment: str) -> str:

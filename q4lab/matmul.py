@@ -1,4 +1,5 @@
-"""``q4lab.matmul_4bit``: y = x · Ŵᵀ (+ bias) straight from the packed 4-bit weight, never dequantized.
+"""``q4lab.matmul_4bit``: y = x · Ŵᵀ (+ bias) straight from the packed 4-bit weight, never
+dequantized.
 
 The torch front end of ``torch.ops.q4lab.matmul_4bit`` (``csrc/q4_matmul_cpu.cpp``, ``csrc/
 q4_matmul_cuda.cu``) and of its specification ``q4lab.reference.matmul_4bit`` (the summation order
@@ -75,8 +76,9 @@ def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None
 
 
 def _reference(x2d: torch.Tensor, packed, state, bias) -> torch.Tensor:
+    bias_np = None if bias is None else bias.detach().cpu().float().numpy()
     y = ref.matmul_4bit(x2d.detach().cpu().float().numpy(), packed.detach().cpu().numpy(),
-                        state.numpy(), None if bias is None else bias.detach().cpu().float().numpy())
+                        state.numpy(), bias_np)
     return torch.from_numpy(y).to(x2d.device).to(x2d.dtype)  # float32 -> RNE fp16/bf16
 
 
@@ -163,7 +165,8 @@ def register_fake() -> None:
     _fake_registered = True
 
     @torch.library.register_fake("q4lab::matmul_4bit")
-    def _(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias, isa="auto"):
+    def _(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias,
+          isa="auto"):
         return x.new_empty((x.shape[0], out_features))
 
     torch.library.register_fake("q4lab::matmul_4bit_out")(lambda *args, **kwargs: None)

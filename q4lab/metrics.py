@@ -8,7 +8,8 @@ neither torch nor anything else beyond NumPy.
 SQNR (signal-to-quantization-noise ratio) is ``10 log10(sum w^2 / sum e^2)`` dB with ``e = w_hat -
 w``, sums in float64. The two limits follow the formula, and this is the rule everywhere:
 - ``sum e^2 == 0``: the reconstruction is exact, SQNR = ``+inf``. This includes an all-zero weight,
-  which 4-bit storage always reproduces exactly (docs/format.md §5: an all-zero block decodes to +0.0).
+  which 4-bit storage always reproduces exactly (docs/format.md §5: an all-zero block decodes
+  to +0.0).
 - ``sum w^2 == 0 < sum e^2``: noise with no signal, SQNR = ``-inf``.
 """
 from __future__ import annotations

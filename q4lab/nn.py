@@ -8,9 +8,9 @@ gradient for the input only (the packed weight is frozen and never gets one). ``
 QLoRA's defaults (arXiv 2305.14314 §3: NF4, blocksize 64, double quant, bf16 compute).
 
 One job per module (docs/architecture.md): the model walk ``quantize_model`` is in
-``q4lab.quantize``, ``save`` / ``load`` in ``q4lab.formats.safetensors_file``, ``error_stats`` in ``q4lab.metrics``.
-This module imports none of them; ``q4lab.nn.quantize_model`` etc. still resolve, lazily, through
-the module ``__getattr__`` at the end (PEP 562), so no import circle exists.
+``q4lab.quantize``, ``save`` / ``load`` in ``q4lab.formats.safetensors_file``, ``error_stats`` in
+``q4lab.metrics``. This module imports none of them; ``q4lab.nn.quantize_model`` etc. still resolve,
+lazily, through the module ``__getattr__`` at the end (PEP 562), so no import circle exists.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
                     double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                    backend: str = "auto") -> "Linear4bit":
+                    backend: str = "auto") -> Linear4bit:
         """Quantize an ``nn.Linear``'s weight (on its device) into a new ``Linear4bit``."""
         w = linear.weight.detach()
         packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant, backend)

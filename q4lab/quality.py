@@ -90,7 +90,7 @@ class LabConfig:
         s += "" if self.compute_dtype == "float32" else f" {DTYPE_SHORT[self.compute_dtype]}"
         return s
 
-    def replace(self, **changes) -> "LabConfig":
+    def replace(self, **changes) -> LabConfig:
         return LabConfig(**{**asdict(self), **changes})
 
 

@@ -4,8 +4,8 @@
 Source: transformers ``integrations/bitsandbytes.py::replace_with_bnb_linear`` (skip ``lm_head`` and
 ``llm_int8_skip_modules``, matched on name components) with QLoRA's defaults (arXiv 2305.14314 §3:
 NF4, blocksize 64, double quant, bf16 compute), held in :class:`q4lab.nn.Q4Config`. The layer itself
-is in ``q4lab.nn``; files (``save`` / ``load``) in ``q4lab.formats.safetensors_file``; error numbers in
-``q4lab.metrics``. docs/architecture.md describes how these modules depend on each other.
+is in ``q4lab.nn``; files (``save`` / ``load``) in ``q4lab.formats.safetensors_file``; error numbers
+in ``q4lab.metrics``. docs/architecture.md describes how these modules depend on each other.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def quantize_model(model: nn.Module, cfg: Q4Config | None = None, progress: bool
         raise TypeError("quantize_model replaces layers inside a model and cannot replace a bare "
                         "nn.Linear in place; use q4lab.Linear4bit.from_linear(layer, ...)")
     shared: dict = {}
-    replaced: dict = {}  # id(original nn.Linear) -> (original, its Linear4bit): one per module object
+    replaced: dict = {}  # id(original nn.Linear) -> (original, its Linear4bit): one per module
     for name in tqdm(_linear_targets(model, cfg), desc="quantizing to 4 bits",
                      disable=not progress, unit="layer"):
         linear = model.get_submodule(name)

@@ -5,10 +5,10 @@ nested absmax + offset; the shared codebooks are not counted), bytes before are 
 their original dtype, and bits/param is 8 * bytes / params (QLoRA, arXiv 2305.14314 §3 "Double
 Quantization": 4.5 -> ~4.127 bits at blocksize 64). The ratio over the 4-bit layers alone
 (32 / 4.127 = 7.75x from float32) is not what the model shrinks by: embeddings, norms and skipped
-layers (lm_head) keep their dtype, so the summary also gives the whole model's bytes before and after
-(``model_bytes``: every distinct parameter and buffer once). Reconstruction error (MSE,
-max |error|, SQNR = 10 log10(sum w^2 / sum e^2) dB) needs the original weights: kept at quantize time
-(``quantize_model(..., keep_error_stats=True)``) or passed as ``reference=`` (the original
+layers (lm_head) keep their dtype, so the summary also gives the whole model's bytes before and
+after (``model_bytes``: every distinct parameter and buffer once). Reconstruction error (MSE,
+max |error|, SQNR = 10 log10(sum w^2 / sum e^2) dB) needs the original weights: kept at quantize
+time (``quantize_model(..., keep_error_stats=True)``) or passed as ``reference=`` (the original
 model, its state dict, or {layer name: weight}). Displays as an HTML table in a notebook, text
 elsewhere.
 """

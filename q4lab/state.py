@@ -1,4 +1,5 @@
-"""QuantState: everything needed to dequantize a packed 4-bit tensor, with bitsandbytes' field names.
+"""QuantState: everything needed to dequantize a packed 4-bit tensor, with bitsandbytes' field
+names.
 
 Source: bitsandbytes ``functional.py::QuantState`` (fields ``absmax, shape, code, blocksize,
 quant_type, dtype, offset, state2``) and its ``as_dict(packed=True)`` state-dict layout
@@ -9,7 +10,6 @@ that convert to or from it, so ``q4lab.reference`` stays importable without torc
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,7 +74,7 @@ class QuantState:
     code: Any
     absmax: Any
     offset: Any = None
-    state2: "QuantState | None" = None
+    state2: QuantState | None = None
 
     def __post_init__(self):
         self.shape = tuple(int(d) for d in self.shape)
@@ -152,7 +152,7 @@ class QuantState:
                 )
 
     # ---- conversions -------------------------------------------------------------------
-    def to(self, device=None) -> "QuantState":
+    def to(self, device=None) -> QuantState:
         """A copy whose arrays are torch tensors on ``device`` (from NumPy or another device)."""
         import torch
 
@@ -166,7 +166,7 @@ class QuantState:
         return replace(self, code=conv(self.code), absmax=conv(self.absmax),
                        offset=conv(self._offset_array()), state2=nested)
 
-    def numpy(self) -> "QuantState":
+    def numpy(self) -> QuantState:
         """A copy whose arrays are NumPy arrays on the host."""
 
         def conv(a):
@@ -190,7 +190,8 @@ class QuantState:
         return float(o.item() if hasattr(o, "item") else o)
 
     def bnb_json(self) -> dict:
-        """The non-tensor items as bitsandbytes serializes them (``quant_state.bitsandbytes__*``)."""
+        """The non-tensor items as bitsandbytes serializes them (``quant_state.bitsandbytes__*``).
+        """
         d = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": self.dtype,
              "shape": list(self.shape)}
         if self.nested:
@@ -213,7 +214,8 @@ class QuantState:
                 ("double quant", f"yes, offset {self.offset_value:.7g}" if self.nested else "no")]
         rows += [(f"bytes: {k}", f"{v:,}") for k, v in total.items()]
         rows.append(("bits / param", f"{bits_per_param(self):.4f}"))
-        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>"
+                       for k, v in rows)
         return f"<table><caption>q4lab QuantState</caption>{body}</table>"
 
 

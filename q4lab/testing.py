@@ -149,7 +149,7 @@ class Sample:
 
 
 def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values made exactly representable in ``dtype`` (so every path sees the same input)."""
+    """float32 values made exactly representable in ``dtype``, so every path sees the same input."""
     from .reference.api import round_to_bfloat16
 
     x = np.asarray(x, dtype=F32)

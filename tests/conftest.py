@@ -1,8 +1,8 @@
 """Suite-wide settings: offline model hubs and clean CUDA skips.
 
 Notebooks run at full size by default (``Q4LAB_FAST`` is not set here; the tests that run a notebook
-a second time, the browser and Binder ones, set it for themselves). Tests marked ``cuda`` are skipped
-with a reason when torch sees no GPU (CI has none)."""
+a second time, the browser and Binder ones, set it for themselves). Tests marked ``cuda`` are
+skipped with a reason when torch sees no GPU (CI has none)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,7 +1,7 @@
 """A private JupyterLab for the real-browser tests (tests/test_browser.py,
-tests/test_browser_quality_lab.py): Debian's Chromium and its flags, and a server on 127.0.0.1 with a
-free port, a random token, ``--allow-root``, a fresh workspace directory and the app exposed to the
-page (``window.jupyterapp``) so a test can drive it. Not a test module (no ``test_`` prefix).
+tests/test_browser_quality_lab.py): Debian's Chromium and its flags, and a server on 127.0.0.1 with
+a free port, a random token, ``--allow-root``, a fresh workspace directory and the app exposed to
+the page (``window.jupyterapp``) so a test can drive it. Not a test module (no ``test_`` prefix).
 """
 from __future__ import annotations
 

@@ -281,7 +281,8 @@ def test_first_readme_command_gives_every_notebook_import(first_command_venv, tm
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["python"].startswith(str(venv)), result["python"]
     assert result["q4lab"].startswith(str(ROOT)), result["q4lab"]
-    assert not result["failed"], f"imports that fail after README's first command: {result['failed']}"
+    assert not result["failed"], \
+        f"imports that fail after README's first command: {result['failed']}"
     assert result["models"] == {"minilm": True, "smollm2": True}, result["models"]
 
 
@@ -308,7 +309,8 @@ def test_binder_environment_runs_a_notebook(first_command_venv, tmp_path):
     specs = json.loads(run(str(venv / "bin" / "jupyter"), "kernelspec", "list", "--json",
                            check=True).stdout)["kernelspecs"]
     argv0 = specs["python3"]["spec"]["argv"][0]
-    assert argv0 in ("python", str(venv / "bin" / "python")), f"kernel would not use the venv: {argv0}"
+    assert argv0 in ("python", str(venv / "bin" / "python")), \
+        f"kernel would not use the venv: {argv0}"
     out = tmp_path / "executed.ipynb"
     nb = run(str(venv / "bin" / "jupyter"), "nbconvert", "--to", "notebook", "--execute",
              "--ExecutePreprocessor.timeout=300", "--ExecutePreprocessor.kernel_name=python3",

@@ -1,9 +1,9 @@
 """q4lab's reference against real bitsandbytes 0.50.2 on the CPU, stated as counts.
 
-What bnb's CPU path does is in ``docs/bitsandbytes.md`` §1-2: NF4 by ``torch.bucketize`` over float32
-midpoints (the same rule as q4lab, so 0 bytes may differ), FP4 with the ±0 codes swapped for tiny
-values, and an approximate 65,536-entry lookup table for the 8-bit nested absmax codes. Data: Gaussian,
-heavy-tailed (Student t, 2 dof) and the real fp32 weights of all-MiniLM-L6-v2.
+What bnb's CPU path does is in ``docs/bitsandbytes.md`` §1-2: NF4 by ``torch.bucketize`` over
+float32 midpoints (the same rule as q4lab, so 0 bytes may differ), FP4 with the ±0 codes swapped for
+tiny values, and an approximate 65,536-entry lookup table for the 8-bit nested absmax codes. Data:
+Gaussian, heavy-tailed (Student t, 2 dof) and the real fp32 weights of all-MiniLM-L6-v2.
 """
 import numpy as np
 import pytest
@@ -58,8 +58,8 @@ def test_nf4_bytes_and_absmax_identical_to_bnb_cpu(name, dtype):
 
 def test_nf4_identical_on_every_minilm_layer():
     for i, w in enumerate(minilm_weights()):
-        packed_b, state_b = bnb_functional.quantize_4bit(torch.from_numpy(w), blocksize=64,
-                                                         quant_type="nf4", compress_statistics=False)
+        packed_b, state_b = bnb_functional.quantize_4bit(
+            torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=False)
         packed_q, state_q = ref.quantize_4bit(w, 64, "nf4", False)
         assert_bytes_equal(packed_b, packed_q, f"layer {i} packed")
         assert_bytes_equal(state_b.absmax, state_q.absmax, f"layer {i} absmax")
@@ -132,7 +132,8 @@ def test_nested_codes_with_bnb_offset(name):
                 centered = (plain.absmax - np.float32(state_b.offset.item())).astype(np.float32)
                 a2 = np.repeat(state_q.state2.absmax, 256)[: centered.size]
                 xn = (centered * (np.float32(1) / a2)).astype(np.float32)[differ]
-                assert (np.abs(dyn[codes_q[differ]] - xn) <= np.abs(dyn[codes_b[differ]] - xn)).all()
+                error_q = np.abs(dyn[codes_q[differ]] - xn)
+                assert (error_q <= np.abs(dyn[codes_b[differ]] - xn)).all()
     print(f"{name}: {total_differ}/{total} nested codes differ from bnb CPU's lookup table")
     assert total_differ <= 0.005 * total
 

@@ -1,6 +1,6 @@
-"""A real user's view: JupyterLab in Debian's Chromium (Playwright, headless) runs notebook 01 cell by
-cell, the codebook explorer's slider is dragged with the mouse, the plotly figure must change, and
-after the notebook is saved and the page reloaded the figure must show the moved state again
+"""A real user's view: JupyterLab in Debian's Chromium (Playwright, headless) runs notebook 01 cell
+by cell, the codebook explorer's slider is dragged with the mouse, the plotly figure must change,
+and after the notebook is saved and the page reloaded the figure must show the moved state again
 (widget conventions in `docs/architecture.md` §4-5).
 
 Why the reload used to fail ("Error displaying widget: model not found"), measured with the trace of
@@ -45,7 +45,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 FIGURE_JS = """() => {
   const gd = Array.from(document.querySelectorAll('.js-plotly-plot'))
-    .find(g => ((g.layout && g.layout.title && g.layout.title.text) || '').startsWith('NF4 at offset'));
+    .find(g => ((g.layout && g.layout.title && g.layout.title.text) || '')
+      .startsWith('NF4 at offset'));
   if (!gd || !gd.data) return null;
   const nf4 = (gd._fullData || gd.data).find(t => t.name === 'NF4');  // decoded arrays
   return {title: gd.layout.title.text, nf4: nf4 ? Array.from(nf4.x) : null, traces: gd.data.length};
@@ -93,7 +94,7 @@ def saved_outputs(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """JupyterLab over a temp root dir holding a copy of notebook 01; yields (base_url, token, root)."""
+    """JupyterLab over a temp root holding a copy of notebook 01; yields (base_url, token, root)."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
     with jupyter_lab(root, Q4LAB_FAST="1") as (base, token):
@@ -112,7 +113,8 @@ class Page:
                                          ws.on("framereceived", lambda f: self.frame("recv", f))))
 
     def frame(self, direction: str, payload) -> None:
-        """One line per kernel message (type, widget method, size) for artifacts/browser/trace.log."""
+        """One line per kernel message (type, widget method, size) for
+        artifacts/browser/trace.log."""
         text = payload if isinstance(payload, str) else payload[:4096].decode("utf-8", "replace")
         kind = re.findall(r'"msg_type": ?"(\w+)"', text[:4096])
         if kind and kind[0] != "status":
@@ -240,7 +242,7 @@ def dismiss_news_prompt(page) -> None:
 
 
 def drag_offset_slider(page, dx: float = -120) -> None:
-    """Drag the 'NF4 offset' slider's handle ``dx`` px (default 120 px to the left) with the mouse."""
+    """Drag the 'NF4 offset' slider's handle ``dx`` px (default: 120 px left) with the mouse."""
     slider = page.locator(".widget-slider", has_text="NF4 offset").first
     handle = slider.locator(".noUi-handle").first
     handle.scroll_into_view_if_needed()

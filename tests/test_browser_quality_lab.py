@@ -4,10 +4,10 @@ clicked with the mouse, and the "perplexity vs bits/param" scatter must gain a p
 anywhere in the page (no traceback, no widget that failed to display, no uncaught page error).
 
 Screenshots go to artifacts/browser/ (git-ignored): quality_lab_1_opened.png,
-quality_lab_2_after_fp4.png, quality_lab_3_scatter.png, quality_lab_4_widget.png. Skips with the reason if /usr/bin/chromium
-or playwright is missing (install: ``apt-get install -y chromium``). The set-up follows
-tests/test_browser.py (a private JupyterLab on a free port with a random token, a fresh workspace);
-widget conventions: ``docs/architecture.md`` §4-5.
+quality_lab_2_after_fp4.png, quality_lab_3_scatter.png, quality_lab_4_widget.png. Skips with the
+reason if /usr/bin/chromium or playwright is missing (install: ``apt-get install -y chromium``). The
+set-up follows tests/test_browser.py (a private JupyterLab on a free port with a random token, a
+fresh workspace); widget conventions: ``docs/architecture.md`` §4-5.
 """
 import os
 import time

@@ -5,8 +5,8 @@ The format, the bitsandbytes differences and the architecture are written down i
 repository must be able to follow every citation, so this test reads every tracked (or untracked,
 not ignored) text file under q4lab/, csrc/, tests/, bench/, notebooks/, docs/, tools/, binder/, .ci/
 plus README.md and pyproject.toml, and fails, naming file and line, on
-- a citation of the design notes that were never part of the repository (``DESIGN.md``, ``DESIGN §``,
-  ``bnb-4bit-format.md``);
+- a citation of the design notes that were never part of the repository (``DESIGN.md``, ``DESIGN
+  §``, ``bnb-4bit-format.md``);
 - a ``docs/<name>.md`` path that does not exist;
 - a section ``docs/<name>.md §N`` whose number N is not a numbered heading of that file.
 """
@@ -57,7 +57,8 @@ def bad_citations(path: Path, text: str) -> list[str]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if path.name != Path(__file__).name:
             for m in OUTSIDE.finditer(line):
-                found.append(f"{rel}:{lineno}: cites {m.group(0)!r}, which is not in the repository")
+                found.append(f"{rel}:{lineno}: cites {m.group(0)!r}, "
+                             "which is not in the repository")
         for m in DOCS_CITATION.finditer(line):
             doc = ROOT / "docs" / m.group(1)
             if not doc.is_file():

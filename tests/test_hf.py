@@ -132,7 +132,8 @@ def test_save_pretrained_shards_with_index_and_tied_embedding_written_once(tmp_p
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert "lm_head.weight" not in index["weight_map"]  # tied: transformers re-ties it
-    assert "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4" in index["weight_map"]
+    quant_state_key = "model.layers.1.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+    assert quant_state_key in index["weight_map"]
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for t in _read_all(tmp_path / "out").values())
     theirs = bnb_load(tmp_path / "out")
@@ -339,7 +340,7 @@ def test_from_pretrained_refuses_tensors_it_has_no_place_for(bnb_written, tmp_pa
         q4lab.from_pretrained(tmp_path)
 
 
-# ---- SmolLM2-135M end to end ----------------------------------------------------------------------
+# ---- SmolLM2-135M end to end ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_both_ways(tmp_path):
     """SmolLM2 quantized by q4lab, saved with its tokenizer, loaded by transformers + bnb

@@ -134,9 +134,9 @@ FP4_RANK = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3]).argsort()  # magnitude code ->
 
 
 def assert_fp4_differences_are_bnb_cpu_rules(bnb_packed, q4_packed, msg):
-    """bnb CPU FP4 (docs/bitsandbytes.md §1): tiny positives get 0b1000 and tiny negatives 0 (the ±0 swap),
-    and a negative value exactly on a bound goes to the larger magnitude (q4lab: the smaller).
-    Every differing code must be one of those two; anything else fails."""
+    """bnb CPU FP4 (docs/bitsandbytes.md §1): tiny positives get 0b1000 and tiny negatives 0 (the ±0
+    swap), and a negative value exactly on a bound goes to the larger magnitude (q4lab: the
+    smaller). Every differing code must be one of those two; anything else fails."""
     cb = torch.stack([bnb_packed >> 4, bnb_packed & 15]).long()
     cq = torch.stack([q4_packed >> 4, q4_packed & 15]).long()
     d = cb != cq

@@ -1,15 +1,15 @@
 """The C++ kernels (``csrc/q4_cpu.cpp``, ``torch.ops.q4lab.*``) against the NumPy reference, byte
 for byte (docs/format.md; docs/architecture.md §2, §3).
 
-Style of pytorch/extension-cpp ``test/test_extension.py`` (sample inputs + ``torch.library.opcheck``)
-and torchao's nvfp4 reference tests (every comparison is of bytes: "k/n bytes differ, first at i").
+Style of pytorch/extension-cpp ``test/test_extension.py`` (sample inputs +
+``torch.library.opcheck``) and torchao's nvfp4 reference tests (every comparison is of bytes: "k/n
+bytes differ, first at i").
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import q4lab
 from q4lab import _build, _gen_tables, _kernels, ops
-from q4lab import reference as ref
 from q4lab.constants import BLOCKSIZES, BNB_QUANT_TYPES, DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from q4lab.reference.double_quant import exact_mean_f32
 from q4lab.testing import assert_bytes_equal, assert_parity, boundary_values, sample_inputs

@@ -64,13 +64,15 @@ def test_poisoned_outputs_fully_written_cuda(n):
     q = torch.ops.q4lab
     packed, absmax = q.quantize_4bit(x, 64, "fp4")
     p2 = torch.full_like(packed, 0xAA)
-    a2 = torch.full((absmax.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32)
+    a2 = torch.full((absmax.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda")
+    a2 = a2.view(torch.float32)
     q.quantize_4bit_out(x, 64, "fp4", p2, a2)
     assert_bytes_equal(packed, p2, "packed")
     assert_bytes_equal(absmax, a2, "absmax")
     codes, absmax2, off = q.quantize_absmax(absmax, None)
     c3 = torch.full_like(codes, 0xAA)
-    m3 = torch.full((absmax2.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32)
+    m3 = torch.full((absmax2.numel() * 4,), 0xAA, dtype=torch.uint8, device="cuda")
+    m3 = m3.view(torch.float32)
     o3 = torch.full((4,), 0xAA, dtype=torch.uint8, device="cuda").view(torch.float32).reshape(())
     q.quantize_absmax_out(absmax, None, c3, m3, o3)
     for e, g, what in [(codes, c3, "codes"), (absmax2, m3, "absmax2"), (off, o3, "offset")]:

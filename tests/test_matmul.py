@@ -23,8 +23,9 @@ from q4lab.reference.matmul import LANES, TREE_WIDTHS
 from q4lab.testing import assert_bytes_equal, byte_mismatch
 
 F32 = np.float32
-needs_cpu_kernels = pytest.mark.skipif(ops.kernel_status("cpu") is not True,
-                                       reason=f"C++ kernels unavailable: {ops.kernel_status('cpu')}")
+needs_cpu_kernels = pytest.mark.skipif(
+    ops.kernel_status("cpu") is not True,
+    reason=f"C++ kernels unavailable: {ops.kernel_status('cpu')}")
 
 
 def literal_matmul(x: np.ndarray, packed, state, bias=None) -> np.ndarray:
@@ -69,7 +70,8 @@ def test_reference_equals_its_literal_reading(n, k, blocksize, quant_type, doubl
     packed, state = ref.quantize_4bit(w, blocksize, quant_type, double_quant)
     x = rng.standard_normal((2, k)).astype(F32)
     bias = rng.standard_normal(n).astype(F32)
-    assert_bytes_equal(literal_matmul(x, packed, state, bias), ref.matmul_4bit(x, packed, state, bias),
+    assert_bytes_equal(literal_matmul(x, packed, state, bias),
+                       ref.matmul_4bit(x, packed, state, bias),
                        f"({n}, {k}) bs={blocksize} {quant_type}")
 
 
@@ -171,7 +173,7 @@ def test_out_form_writes_every_byte_of_a_poisoned_buffer():
 @needs_cpu_kernels
 def test_opcheck():
     fused.register_fake()
-    for name, x, packed, state, bias in CASES[:: max(1, len(CASES) // 6)]:
+    for _name, x, packed, state, bias in CASES[:: max(1, len(CASES) // 6)]:
         s2 = state.state2.absmax if state.nested else None
         off = state.offset.reshape(()).float() if state.nested else None
         args = (x, packed, state.absmax, s2, off, state.blocksize, state.quant_type,
@@ -179,7 +181,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.q4lab.matmul_4bit.default, args)
 
 
-# ---- the front end: shapes, errors, gradients, Linear4bit -----------------------------------------
+# ---- the front end: shapes, errors, gradients, Linear4bit ----------------------------------------
 @needs_cpu_kernels
 def test_leading_dims_and_output_dtype():
     w = torch.randn(24, 96)
@@ -282,7 +284,8 @@ def test_linear4bit_fused_path_follows_a_new_weight():
     with torch.no_grad():
         for step, source in (("as built", a), ("copied in place", b), ("assigned", c)):
             if step == "copied in place":
-                for mine, theirs in ((a.packed, b.packed), (a.quant_state.absmax, b.quant_state.absmax),
+                for mine, theirs in ((a.packed, b.packed),
+                                     (a.quant_state.absmax, b.quant_state.absmax),
                                      (a.quant_state.state2.absmax, b.quant_state.state2.absmax),
                                      (a.quant_state.offset, b.quant_state.offset)):
                     mine.copy_(theirs)

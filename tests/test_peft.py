@@ -1,5 +1,5 @@
-"""PEFT adapter directories both ways, against real peft 0.21 over a real transformers + bitsandbytes
-0.50.2 base (a tiny random Llama).
+"""PEFT adapter directories both ways, against real peft 0.21 over a real transformers +
+bitsandbytes 0.50.2 base (a tiny random Llama).
 
 - ``q4lab.save_adapters(model, directory)`` writes ``adapter_config.json`` +
   ``adapter_model.safetensors`` with PEFT's keys; ``peft.PeftModel.from_pretrained`` over the base
@@ -94,7 +94,8 @@ def test_save_adapters_writes_peft_layout(q4_with_adapters):
 def test_peft_loads_q4lab_adapters_over_the_bnb_base(q4_with_adapters):
     model, base, adapter = q4_with_adapters
     theirs = PeftModel.from_pretrained(bnb_base(base), str(adapter)).eval()
-    wrapped = [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.bnb.Linear4bit)]
+    wrapped = [n for n, m in theirs.named_modules()
+               if isinstance(m, peft.tuners.lora.bnb.Linear4bit)]
     assert len(wrapped) == 4
     ours = logits(model)
     assert not torch.equal(ours, logits(bnb_base(base)))  # the adapters change the output

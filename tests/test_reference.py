@@ -1,8 +1,8 @@
 """The reference's rounding rules, one named test per bucket of docs/format.md §1-§8.
 
-Each test builds inputs that land exactly where a rule matters (a threshold and one float32 ulp either
-side, signed zeros, subnormal and huge blocks, all-zero blocks, tails, odd n, exact ties of the 8-bit
-encoder) and checks codes and bytes against values derived independently in the test.
+Each test builds inputs that land exactly where a rule matters (a threshold and one float32 ulp
+either side, signed zeros, subnormal and huge blocks, all-zero blocks, tails, odd n, exact ties of
+the 8-bit encoder) and checks codes and bytes against values derived independently in the test.
 """
 import subprocess
 import sys

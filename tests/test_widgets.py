@@ -203,7 +203,8 @@ def test_error_histograms_on_minilm_nf4_wins_and_error_grows_with_blocksize(mini
     assert [len(t.x) for t in eh.sweep_fig.data] == [len(BLOCKSIZES)] * 3
     nf4 = eh.sweep_fig.data[0]                                # SQNR vs stored bits, per blocksize
     assert list(nf4.text) == [str(b) for b in BLOCKSIZES] and round(nf4.x[1], 3) == 4.127
-    assert all(a > b for a, b in zip(nf4.x, nf4.x[1:])) and all(a > b for a, b in zip(nf4.y, nf4.y[1:]))
+    assert all(a > b for a, b in zip(nf4.x, nf4.x[1:]))
+    assert all(a > b for a, b in zip(nf4.y, nf4.y[1:]))
     assert_synced(eh.sweep_fig)
     from q4lab.widgets.error_histograms import layer_errors
 
@@ -263,7 +264,8 @@ def test_memory_calculator_counts_the_whole_model():
     c = r["params"]
     assert 6.7e9 < sum(c.values()) < 6.8e9                       # LLaMA-7B: 6.74 B parameters
     assert r["q4"]["embed"] == r["q4"]["lm_head"] == 2 * 32000 * 4096   # 16-bit, untied
-    assert r["q4"]["kv"] == 2 * 32 * 4096 * 4096 * 2 * 2        # K and V, layers, hidden, tokens, batch, 2 B
+    # K and V, layers, hidden, tokens, batch, 2 B
+    assert r["q4"]["kv"] == 2 * 32 * 4096 * 4096 * 2 * 2
     assert r["q4"]["runtime"] == 1.5e9
     assert r["q4_gb"] * 1e9 == sum(r["q4"].values()) and r["fp16"]["linear"] == 2 * c["linear"]
     tied = widgets.model_memory("SmolLM2-135M")
@@ -281,7 +283,7 @@ def test_memory_calculator_bits_bar_shows_4_5_beside_4_127_with_every_part():
     assert mc.bits["plain"] == 4.5 and round(mc.bits["dq"], 3) == 4.127
     bars = {t.name: t for t in mc.fig.data}
     assert list(bars) == ["4-bit codes", "absmax", "nested absmax", "offset"]
-    rows = ["NF4: 4.500 bits", "NF4 + double quant: 4.127 bits"]          # side by side, totals named
+    rows = ["NF4: 4.500 bits", "NF4 + double quant: 4.127 bits"]   # side by side, totals named
     assert all(list(t.y) == rows for t in bars.values())
     assert list(bars["absmax"].x) == [0.5, 0.125] and bars["nested absmax"].x[0] == 0
     assert all(t.textangle == 0 for t in bars.values())              # readable, not rotated
@@ -342,7 +344,8 @@ def test_model_dashboard_heatmap_on_minilm(minilm):
     # the shared prefix is said once, in the axis title; labels are short and horizontal
     assert len(heat.x) == 7 and "intermediate.dense" in heat.x and "pooler.dense" in heat.x
     assert not any(x.startswith("encoder.layer.*.") for x in heat.x)
-    assert "encoder.layer.*." in md.fig.layout.xaxis.title.text and md.fig.layout.xaxis.tickangle == 0
+    assert "encoder.layer.*." in md.fig.layout.xaxis.title.text
+    assert md.fig.layout.xaxis.tickangle == 0
     # the colour scale says how small the spread is
     sq = [r["sqnr_db"] for r in md.rows]
     spread = f"{max(sq) - min(sq):.2f} dB"
@@ -433,7 +436,8 @@ def test_every_widget_says_what_to_try_and_what_to_look_for(rng_weights):
                 and PLOTLY_MIME in c.outputs[0]["data"]]
         hints = [i for i, c in enumerate(box) if isinstance(c, W.HTML)
                  and "Try this" in c.value and "Look for" in c.value]
-        assert len(hints) == 1 and hints[0] > max(figs), type(w).__name__   # one line, under the figures
+        # one line, under the figures
+        assert len(hints) == 1 and hints[0] > max(figs), type(w).__name__
 
 
 # ---- normal premise and code usage ---------------------------------------------------------
@@ -449,7 +453,8 @@ def test_code_usage_counts_the_reference_codes_and_is_not_uniform_on_normal_data
     assert 2.4 < absmax_over_sigma(x, 64) < 2.7 and abs(design_scale() - 1.8481308) < 1e-6
     xn = scaled_by_block(x[:640], 64)
     # each block's own maximum lands at ±1 (x * RN(1/absmax): within one float32 ulp of 1)
-    assert np.sum(np.abs(xn) >= np.float32(1) - np.float32(2 ** -23)) == 10 and np.abs(xn).max() <= 1
+    assert np.sum(np.abs(xn) >= np.float32(1) - np.float32(2 ** -23)) == 10
+    assert np.abs(xn).max() <= 1
 
 
 def test_normal_premise_widget_on_minilm(minilm):
@@ -462,7 +467,8 @@ def test_normal_premise_widget_on_minilm(minilm):
     assert npw.ratio["normal"] > 3.5 and "blocksize 4096" in npw.fig.layout.title.text
     npw.layer.value = npw.layer.options[-1]                   # the N(0, 1) sample itself
     assert "N(0, 1)" in npw.layer.value
-    assert np.abs(npw.usage["data"] - npw.usage["normal"]).max() < 0.003   # two normal samples agree
+    # two normal samples agree
+    assert np.abs(npw.usage["data"] - npw.usage["normal"]).max() < 0.003
     assert_synced(npw.fig)
     assert_synced(npw.usage_fig)
 

@@ -1,7 +1,7 @@
 """Strip outputs, execution counts and saved widget state from notebooks (nbstripout's job, in
 ~40 lines, with nbformat only). An executed widget notebook carries ~5 MB of widget state per plotly
-figure (`docs/architecture.md` §4), so notebooks are committed without outputs; tests/test_notebooks.py fails
-if any has them.
+figure (`docs/architecture.md` §4), so notebooks are committed without outputs;
+tests/test_notebooks.py fails if any has them.
 
 Usage: python tools/strip_outputs.py [--check] [NOTEBOOK ...]   (default: notebooks/*.ipynb)
 """
@@ -32,7 +32,8 @@ def strip(nb) -> None:
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
-    paths = [Path(a) for a in argv if a != "--check"] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    paths = ([Path(a) for a in argv if a != "--check"]
+             or sorted((ROOT / "notebooks").glob("*.ipynb")))
     dirty = []
     for path in paths:
         nb = nbformat.read(path, as_version=4)

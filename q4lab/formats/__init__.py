@@ -5,7 +5,7 @@
 - ``shards``            safetensors shards tensor by tensor (read, write, index), no memory map
 - ``hf``                transformers model directories (``save_pretrained`` / ``from_pretrained``)
 - ``peft``              PEFT adapter directories (``save_adapters`` / ``load_adapters`` use them)
-- ``stream``            ``quantize_checkpoint``: a checkpoint larger than memory, one tensor at a time
+- ``stream``            ``quantize_checkpoint``: a checkpoint larger than memory, a tensor at a time
 
 The old module names (``q4lab.interop``, ``q4lab.files``, ``q4lab.checkpoint``, ``q4lab.hf``,
 ``q4lab.hf_peft``, ``q4lab.stream``) still import: each is the module above under its old name.

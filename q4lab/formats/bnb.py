@@ -4,11 +4,12 @@ Source: bitsandbytes 0.50.2 ``functional.py::QuantState.as_dict(packed=True)`` /
 ``nn/modules.py::Linear4bit._save_to_state_dict`` (docs/format.md §10). A 4-bit layer ``<p>`` is
 stored as ``<p>.weight`` (packed uint8, shape ``((n+1)//2, 1)``), ``<p>.weight.absmax``,
 ``<p>.weight.quant_map`` (16 float32), and with double quant ``<p>.weight.nested_absmax`` and
-``<p>.weight.nested_quant_map`` (256 float32), plus ``<p>.weight.quant_state.bitsandbytes__<nf4|fp4>``:
-a uint8 tensor of the UTF-8 JSON ``{"quant_type", "blocksize", "dtype", "shape",
-"nested_blocksize", "nested_dtype", "nested_offset"}`` (``QuantState.bnb_json``). Every other
-entry is the module's ordinary state dict. q4lab's "int4" has no bitsandbytes equivalent and is
-refused. Loading checks everything first and only then changes the model.
+``<p>.weight.nested_quant_map`` (256 float32), plus
+``<p>.weight.quant_state.bitsandbytes__<nf4|fp4>``: a uint8 tensor of the UTF-8 JSON
+``{"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
+"nested_offset"}`` (``QuantState.bnb_json``). Every other entry is the module's ordinary state dict.
+q4lab's "int4" has no bitsandbytes equivalent and is refused. Loading checks everything first and
+only then changes the model.
 """
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ def _plan_layer(model, sd, prefix):
         raise ValueError(f"{prefix!r} is a {type(module).__name__}, not a Linear layer")
     if not prefix and not isinstance(module, Linear4bit):
         raise ValueError("a bare nn.Linear cannot be replaced in place; pass its parent module, "
-                         "or use q4lab.formats.bnb.parse_layer(state_dict, '') to build a Linear4bit")
+                         "or use q4lab.formats.bnb.parse_layer(state_dict, '') to build a "
+                         "Linear4bit")
     packed, state, bias = parse_layer(sd, prefix)
     if tuple(state.shape) != (module.out_features, module.in_features):
         raise ValueError(f"layer {prefix!r}: stored weight shape {tuple(state.shape)} does not "

@@ -41,7 +41,7 @@ _QS = ".weight.quant_state.bitsandbytes__"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-# ---- the quantization_config transformers reads ---------------------------------------------------
+# ---- the quantization_config transformers reads --------------------------------------------------
 def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
                             skip_modules) -> dict:
     """``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` as transformers 5.24 writes it into
@@ -279,7 +279,7 @@ def _groups(state: dict, quant: dict):
         yield groups[name]
 
 
-# ---- from_pretrained ------------------------------------------------------------------------------
+# ---- from_pretrained -----------------------------------------------------------------------------
 def _read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not directory.is_dir():

@@ -1,5 +1,5 @@
-"""q4lab.formats.safetensors_file: ``save`` / ``load`` a model's state dict as a safetensors file in bitsandbytes'
-4-bit layout (no pickle).
+"""q4lab.formats.safetensors_file: ``save`` / ``load`` a model's state dict as a safetensors file in
+bitsandbytes' 4-bit layout (no pickle).
 
 Source: bitsandbytes ``functional.py::QuantState.as_dict(packed=True)`` via ``q4lab.formats.bnb``
 (``to_bnb_state_dict`` / ``from_bnb_state_dict``), and safetensors' ``save_file`` / ``safe_open``.

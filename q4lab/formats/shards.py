@@ -55,7 +55,7 @@ class Entry:
         return self.end - self.begin
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- reading -------------------------------------------------------------------------------------
 def read_header(path) -> tuple[dict, dict]:
     """``({key: Entry}, metadata)`` of one safetensors file, checked: known dtypes, sizes that
     match the shapes, contiguous offsets, and a file exactly as long as the header says (a
@@ -177,7 +177,7 @@ def read_tensor(entry: Entry) -> torch.Tensor:
     return out
 
 
-# ---- writing --------------------------------------------------------------------------------------
+# ---- writing -------------------------------------------------------------------------------------
 def parse_size(size) -> int:
     """Bytes in ``size``: an int, or "5GB" / "500MB" (powers of 10) / "2GiB" (powers of 2), as
     transformers' ``max_shard_size``."""

@@ -1,5 +1,5 @@
-"""``quantize_checkpoint``: quantize a (sharded) safetensors checkpoint directory without loading the
-model, one tensor at a time, into the directory ``q4lab.save_pretrained`` writes.
+"""``quantize_checkpoint``: quantize a (sharded) safetensors checkpoint directory without loading
+the model, one tensor at a time, into the directory ``q4lab.save_pretrained`` writes.
 
 What is quantized is decided exactly as ``q4lab.quantize_model`` decides it on the loaded model (the
 walk of transformers' ``replace_with_bnb_linear``: every ``nn.Linear`` not matched by

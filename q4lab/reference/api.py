@@ -48,7 +48,7 @@ def check_offset(offset, double_quant: bool):
 
 
 def check_finite(flat: np.ndarray, blocksize: int) -> None:
-    """NaN or Inf anywhere is an error naming the first bad block and element (docs/format.md §9)."""
+    """NaN or Inf anywhere is an error naming the first bad block and element (format.md §9)."""
     bad = ~np.isfinite(flat)
     if bad.any():
         i = int(np.argmax(bad))

@@ -45,7 +45,8 @@ def block_absmax(blocks: np.ndarray) -> np.ndarray:
 
 
 def reciprocal_scale(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Step 3. Per block, a power-of-two prescale ``s`` and the reciprocal ``r = RN(1 / (absmax*s))``.
+    """Step 3. Per block, a power-of-two prescale ``s`` and the reciprocal
+    ``r = RN(1 / (absmax*s))``.
 
     - Ordinary blocks (2^-126 <= absmax < 2^126, i.e. every real weight): s = 1 and
       r = 1/absmax correctly rounded in float32 (IEEE division, once per block).
@@ -141,7 +142,8 @@ def quantize_blocks(flat: np.ndarray, blocksize: int, quant_type: str):
 
 def decode(codes: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str) -> np.ndarray:
     """Dequantize codes: out[i] = RN(table[code_i] * absmax[i // blocksize]) in float32 (one
-    multiply, docs/format.md §8). Conversion to fp16/bf16 happens afterwards (round to nearest even)."""
+    multiply, docs/format.md §8). Conversion to fp16/bf16 happens afterwards (round to nearest
+    even)."""
     table = codebook(quant_type)
     scale = np.repeat(np.asarray(absmax, dtype=F32), blocksize)[: codes.size]
     return (table[codes] * scale).astype(F32)

@@ -13,16 +13,17 @@ published hex tables in ``tests/test_codebooks.py``.
 
 Why not the seed-style "2^k + 1 quantiles, then midpoints" recipe?  The QLoRA paper describes NF4 as
 the midpoints of 2^k + 1 equal-probability quantiles of N(0, 1). That recipe is symmetric and has no
-exact zero. What bitsandbytes ships (and every NF4 checkpoint uses) is different: it takes 8 quantile
-levels for the positive half and 7 for the negative half, both spaced linearly from ``offset`` down
-to 0.5 (dropping 0.5 itself), applies the normal ppf, adds an exact 0 and normalizes by the largest
-value, so that both ±1 are present, 0 is exact, and there are 8 positive and 7 negative levels.
-Only this asymmetric recipe reproduces the 16 published float32 values; q4lab follows it.
+exact zero. What bitsandbytes ships (and every NF4 checkpoint uses) is different: it takes 8
+quantile levels for the positive half and 7 for the negative half, both spaced linearly from
+``offset`` down to 0.5 (dropping 0.5 itself), applies the normal ppf, adds an exact 0 and normalizes
+by the largest value, so that both ±1 are present, 0 is exact, and there are 8 positive and 7
+negative levels. Only this asymmetric recipe reproduces the 16 published float32 values; q4lab
+follows it.
 """
 from __future__ import annotations
 
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy.stats import norm
@@ -75,7 +76,7 @@ def nf4_derivation(offset: float = NF4_OFFSET) -> dict:
             "raw": raw, "scale": F32(scale), "levels": levels}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _nf4() -> np.ndarray:
     table = nf4_derivation(NF4_OFFSET)["levels"]  # 7 negatives, the 0, 8 positives
     table.setflags(write=False)
@@ -113,7 +114,7 @@ def int4_codebook() -> np.ndarray:
     return np.concatenate([levels, [1.0]]).astype(F32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic() -> np.ndarray:
     data = []
     for i in range(7):  # max_exponent_bits = 7, signed: 2^i fraction items in decade i
@@ -152,7 +153,7 @@ def midpoint_thresholds(sorted_levels: np.ndarray) -> np.ndarray:
     return np.array([exact_midpoint_f32(v[k], v[k + 1]) for k in range(v.size - 1)], dtype=F32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _thresholds(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
     if quant_type == "nf4":
         return midpoint_thresholds(_nf4()), np.arange(16, dtype=np.uint8)

@@ -5,8 +5,8 @@
 
 Rules (docs/format.md §7, §8), each one exact and reproduced by the kernels:
 - offset: the mean of all absmax values, rounded ONCE to float32 from the exact sum
-  (:func:`exact_mean_f32`). bitsandbytes uses torch's float32 ``mean()``, whose result depends on the
-  device and the thread count; q4lab's is order-independent, so every path agrees.
+  (:func:`exact_mean_f32`). bitsandbytes uses torch's float32 ``mean()``, whose result depends on
+  the device and the thread count; q4lab's is order-independent, so every path agrees.
 - centered c = RN(absmax - offset), float32.
 - groups of 256 consecutive blocks; absmax2 = max |c| per group (float32); the reciprocal and the
   scaling are the 4-bit ones (``blockwise.reciprocal_scale`` / ``scale_blocks``).
@@ -101,7 +101,8 @@ def non_negative_codes(codes: np.ndarray, absmax2_per_code: np.ndarray, offset) 
 
 
 def quantize_absmax(absmax: np.ndarray, offset=None):
-    """Double-quantize float32 absmax values. Returns (codes uint8, absmax2 float32, offset float32).
+    """Double-quantize float32 absmax values. Returns (codes uint8, absmax2 float32, offset
+    float32).
 
     ``offset`` may be given (e.g. the ``nested_offset`` of a bitsandbytes checkpoint, to reproduce
     its codes); otherwise it is :func:`exact_mean_f32` of ``absmax``."""

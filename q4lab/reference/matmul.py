@@ -1,4 +1,5 @@
-"""``matmul_4bit``: y = x · Ŵᵀ (+ bias) straight from packed 4-bit codes, the executable specification.
+"""``matmul_4bit``: y = x · Ŵᵀ (+ bias) straight from packed 4-bit codes, the executable
+specification.
 
 Source: the fused 4-bit GEMV of bitsandbytes (``functional.py::gemv_4bit``, ``kernels.cu::
 kgemm_4bit_inference_naive``) computes the same product without materialising Ŵ, but leaves its
@@ -53,7 +54,8 @@ def segments(n_rows: int, k: int, blocksize: int) -> tuple[np.ndarray, np.ndarra
     """Step 3. The (start, end) flat indices of every segment, in increasing order: the flat range
     [0, N*K) cut at every multiple of K (row ends) and of B (block ends)."""
     n = n_rows * k
-    cuts = np.union1d(np.arange(0, n, k, dtype=np.int64), np.arange(0, n, blocksize, dtype=np.int64))
+    cuts = np.union1d(np.arange(0, n, k, dtype=np.int64),
+                      np.arange(0, n, blocksize, dtype=np.int64))
     return cuts, np.append(cuts[1:], n)
 
 

@@ -10,7 +10,8 @@ tested headless (bqplot's habit) and in a real browser.
 - ``error_histograms(model_or_tensor_or_dict)``: quantization error per layer, NF4 / FP4 / INT4,
   blocksize 32-4096, MSE and SQNR.
 - ``memory_calculator()``: the whole model on a GPU (4-bit linear layers, 16-bit embeddings,
-  lm_head and norms, KV cache, runtime) and bits/param 4.5 vs 4.127 (QLoRA §3 "Double Quantization").
+  lm_head and norms, KV cache, runtime) and bits/param 4.5 vs 4.127 (QLoRA §3 "Double
+  Quantization").
 - ``model_dashboard(model)``: every layer's error and bytes as a heatmap and a table.
 - ``compute_dtype_explorer(weights)``: float32 / float16 / bfloat16 compute of a 4-bit layer.
 - ``quality_lab(model=None, tokenizer=None, text=None)``: requantize a real LLM per format and
@@ -32,7 +33,8 @@ from . import blockwise_tradeoff
 from ._common import log_ticks, new_figure, redraw
 
 __all__ = ["codebook_explorer", "block_inspector", "error_histograms", "memory_calculator",
-           "model_dashboard", "compute_dtype_explorer", "ComputeDtypeExplorer", "CodebookExplorer", "BlockInspector", "ErrorHistograms",
+           "model_dashboard", "compute_dtype_explorer", "ComputeDtypeExplorer", "CodebookExplorer",
+           "BlockInspector", "ErrorHistograms",
            "MemoryCalculator", "ModelDashboard", "nf4_derivation", "ARCHITECTURES", "model_memory",
            "layer_table", "normal_premise", "NormalPremise", "code_usage", "entropy_bits",
            "blockwise_tradeoff", "new_figure", "redraw", "log_ticks", "quality_lab", "QualityLab"]

@@ -25,7 +25,7 @@ F32 = np.float32
 PLOTLY_MIME = "application/vnd.plotly.v1+json"   # rendered by the jupyterlab-plotly extension
 
 
-def new_figure(**layout) -> "LiveFigure":
+def new_figure(**layout) -> LiveFigure:
     """A :class:`LiveFigure` with q4lab's default look."""
     base = dict(template="plotly_white", height=380, margin=dict(l=60, r=20, t=80, b=50),
                 title=dict(font=dict(size=15)),
@@ -37,11 +37,11 @@ def new_figure(**layout) -> "LiveFigure":
 
 class LiveFigure(go.Figure):
     """A plain plotly ``Figure`` that knows the widget showing it: ``fig.view``, an
-    ``ipywidgets.Output`` whose one output is the figure's plotly JSON (rendered in JupyterLab by the
-    ``jupyterlab-plotly`` extension that plotly installs). :func:`resync` rewrites that output from
-    the current data and layout, so the widget state always holds the figure that a page reload
-    shows. Displaying ``fig`` in a notebook displays its view; put ``fig.view`` in a ``VBox``.
-    Change a shown figure through :func:`redraw` or ``with updating(fig):`` (or call
+    ``ipywidgets.Output`` whose one output is the figure's plotly JSON (rendered in JupyterLab by
+    the ``jupyterlab-plotly`` extension that plotly installs). :func:`resync` rewrites that output
+    from the current data and layout, so the widget state always holds the figure that a page
+    reload shows. Displaying ``fig`` in a notebook displays its view; put ``fig.view`` in a
+    ``VBox``. Change a shown figure through :func:`redraw` or ``with updating(fig):`` (or call
     :func:`resync` after editing it directly).
 
     Why not ``go.FigureWidget``: its widget state carries plotly's 5 MB JavaScript bundle, so a page
@@ -61,7 +61,8 @@ class LiveFigure(go.Figure):
         return out
 
     def plotly_json(self) -> dict:
-        """The figure as the JSON-safe dict its view shows (arrays as plotly's JSON encodes them)."""
+        """The figure as the JSON-safe dict its view shows (arrays as plotly's JSON encodes
+        them)."""
         return json.loads(self.to_json())
 
     def _ipython_display_(self):
@@ -78,7 +79,8 @@ def resync(fig) -> None:
         return
     title = fig.layout.title.text or "figure"
     out.outputs = ({"output_type": "display_data", "metadata": {},
-                    "data": {PLOTLY_MIME: fig.plotly_json(), "text/plain": f"<q4lab figure: {title}>"}},)
+                    "data": {PLOTLY_MIME: fig.plotly_json(),
+                             "text/plain": f"<q4lab figure: {title}>"}},)
 
 
 @contextmanager

@@ -92,8 +92,9 @@ class BlockInspector(WidgetBase):
             W.HBox([self.layer, self.blocksize]), W.HBox([self.quant_type, self.double_quant]),
             self.block, self.fig.view,
             hint("<b>Try this:</b> switch the type between nf4, fp4 and int4, then step the block "
-                 "slider. <b>Look for:</b> every dequantized × sits on a grey line (level × absmax); "
-                 "the block's largest |value| lands on the outermost line, ±1 × absmax."),
+                 "slider. <b>Look for:</b> every dequantized × sits on a grey line "
+                 "(level × absmax); the block's largest |value| lands on the outermost line, "
+                 "±1 × absmax."),
             self.text])
         self.update()
 
@@ -153,5 +154,5 @@ class BlockInspector(WidgetBase):
 
 def block_inspector(weight_or_dict_of_weights, blocksize: int = 64, quant_type: str = "nf4",
                     double_quant: bool = True) -> BlockInspector:
-    """Inspect blocks of a weight (tensor/ndarray), a dict of weights, or a model's linear layers."""
+    """Inspect blocks of a weight (tensor or ndarray), a dict of weights, or a model's Linears."""
     return BlockInspector(weight_or_dict_of_weights, blocksize, quant_type, double_quant)

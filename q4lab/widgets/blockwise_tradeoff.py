@@ -41,8 +41,9 @@ def outlier_rows(weights: dict, quant_type: str = "nf4", blocksize: int = 64) ->
     for name, w in tqdm(weights.items(), desc="one scale vs blocks", leave=False):
         w = np.asarray(w, dtype=F32)
         x_hat, _, _ = roundtrip(w, quant_type, blocksize, False)
+        per_tensor = per_tensor_roundtrip(w, quant_type)
         rows.append({"name": name, "peak": float(np.abs(w).max() / w.astype(np.float64).std()),
-                     "per_tensor_db": error_stats(w, per_tensor_roundtrip(w, quant_type))["sqnr_db"],
+                     "per_tensor_db": error_stats(w, per_tensor)["sqnr_db"],
                      "blockwise_db": error_stats(w, x_hat)["sqnr_db"]})
     return rows
 

@@ -65,11 +65,12 @@ class CodebookExplorer(WidgetBase):
             w.observe(lambda _change: self.update(), names="value")
         self.reset.on_click(lambda _b: setattr(self.offset, "value", NF4_OFFSET))
         self.widget = W.VBox([
-            W.HBox([self.offset, self.reset]), W.HBox([self.show_fp4, self.show_int4]), self.fig.view,
-            hint("<b>Try this:</b> drag the offset slider to its left end, then press the bnb button. "
-                 "<b>Look for:</b> a smaller offset pulls the outer levels inward (more levels "
-                 "near 0); FP4 crowds its levels near 0 and leaves a wide gap near ±1, INT4 "
-                 "spaces them evenly."),
+            W.HBox([self.offset, self.reset]), W.HBox([self.show_fp4, self.show_int4]),
+            self.fig.view,
+            hint("<b>Try this:</b> drag the offset slider to its left end, then press the bnb "
+                 "button. <b>Look for:</b> a smaller offset pulls the outer levels inward "
+                 "(more levels near 0); FP4 crowds its levels near 0 and leaves a wide gap near "
+                 "±1, INT4 spaces them evenly."),
             self.steps])
         self.update()
 
@@ -126,12 +127,15 @@ class CodebookExplorer(WidgetBase):
     @staticmethod
     def _match_text(levels: np.ndarray) -> str:
         same = np.array_equal(levels.view(np.uint32), ref.nf4_codebook().view(np.uint32))
-        return "bit-identical to the shipped NF4 table" if same else "differs from the shipped table"
+        if same:
+            return "bit-identical to the shipped NF4 table"
+        return "differs from the shipped table"
 
     @staticmethod
     def _steps_html(d: dict) -> str:
         rows = [(f"p = {p:.7f}", f"z = ppf(p) = {z:+.7f}") for p, z in zip(d["p_pos"], d["z_pos"])]
-        rows += [(f"p = {p:.7f}", f"z = -ppf(p) = {z:+.7f}") for p, z in zip(d["p_neg"], d["z_neg"])]
+        rows += [(f"p = {p:.7f}", f"z = -ppf(p) = {z:+.7f}")
+                 for p, z in zip(d["p_neg"], d["z_neg"])]
         steps = html_table(rows, ("1. quantile level (float32 linspace)", "2. normal quantile"),
                            "Steps 1-2: 8 levels linspace(offset, 0.5, 9)[:-1] above zero, "
                            "7 levels linspace(offset, 0.5, 8)[:-1] below")
@@ -147,5 +151,5 @@ class CodebookExplorer(WidgetBase):
 
 
 def codebook_explorer(offset: float = NF4_OFFSET) -> CodebookExplorer:
-    """Build the explorer; display ``.widget`` (the notebook shows it when it is the cell's value)."""
+    """Build the explorer; display ``.widget`` (a notebook shows it when it is a cell's value)."""
     return CodebookExplorer(offset)

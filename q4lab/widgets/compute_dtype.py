@@ -91,7 +91,8 @@ def time_linear4bit(weight, tokens: int = 256, dtypes=DTYPES, min_run_time: floa
             raise ValueError(f"Linear4bit with {name} compute is wrong before timing: "
                              f"relative error {rel:.3g}")
         t = benchmark.Timer("layer(xd)", globals={"layer": layer, "xd": xd},
-                            setup="torch.set_grad_enabled(False)", num_threads=torch.get_num_threads()
+                            setup="torch.set_grad_enabled(False)",
+                            num_threads=torch.get_num_threads(),
                             ).blocked_autorange(min_run_time=min_run_time)
         out[name] = {"seconds": t.median, "rel_err": rel}
     return out
@@ -101,7 +102,8 @@ def speed_figure(times: dict, title: str):
     """Bars of GFLOP/s per dtype (from :func:`time_matmuls`), in the widgets' look."""
     import plotly.graph_objects as go
 
-    fig = new_figure(height=300, xaxis_title="compute dtype", yaxis_title="GFLOP/s (higher is faster)")
+    fig = new_figure(height=300, xaxis_title="compute dtype",
+                     yaxis_title="GFLOP/s (higher is faster)")
     base = times["float32"]["seconds"] if "float32" in times else None
     text = [f"{v['gflops']:.0f}" + (f" ({base / v['seconds']:.1f}× fp32)" if base else "")
             for v in times.values()]
@@ -122,7 +124,8 @@ def output_errors(weight: np.ndarray, dtype: str, tokens: int = 16, seed: int = 
 
     if dtype not in DTYPES:
         raise ValueError(f"compute dtype {dtype!r} is not one of {DTYPES}")
-    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).reshape(weight.shape[0], -1)
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    w = w.reshape(weight.shape[0], -1)
     x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(seed))
     packed, state = ops.quantize_4bit(w, blocksize, quant_type, True)
     w32 = ops.dequantize_4bit(packed, state, dtype=torch.float32)
@@ -154,8 +157,8 @@ class ComputeDtypeExplorer(WidgetBase):
             self.layer, self.dtype, self.fig.view,
             hint("<b>Try this:</b> switch between float16 and bfloat16. <b>Look for:</b> what the "
                  "compute dtype adds (blue for float16, orange for bfloat16) is far narrower than "
-                 "what 4 bits cost (purple) either way; bfloat16's is wider than float16's (7 vs 10 "
-                 "mantissa bits), but bfloat16 keeps float32's range."),
+                 "what 4 bits cost (purple) either way; bfloat16's is wider than float16's "
+                 "(7 vs 10 mantissa bits), but bfloat16 keeps float32's range."),
             self.readout])
         self.update()
 

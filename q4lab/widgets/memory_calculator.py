@@ -8,10 +8,11 @@ blocksize 64, 8/64 + 32/(64·256) = 0.127 with double quantization (a 0.373-bit 
 16-bit is what transformers' bitsandbytes integration leaves alone: every ``nn.Linear`` inside the
 transformer blocks becomes 4-bit, ``lm_head`` is skipped (``get_keys_to_not_convert``), embeddings
 and norms are not ``nn.Linear``. Bytes per quantized tensor: ``q4lab.state.storage_bytes_for``
-(docs/format.md §11), each linear layer its own tensor. Shapes are the published configs (``config.json``) of each model; the KV cache
-is 2 (K and V) × layers × kv_heads × head_dim × tokens × 2 bytes (fp16/bf16), as in the Llama
-attention of transformers. The runtime allowance (CUDA context, allocator slack, activations of
-one forward pass) is an estimate the user sets, not a measurement.
+(docs/format.md §11), each linear layer its own tensor. Shapes are the published configs
+(``config.json``) of each model; the KV cache is 2 (K and V) × layers × kv_heads × head_dim × tokens
+× 2 bytes (fp16/bf16), as in the Llama attention of transformers. The runtime allowance (CUDA
+context, allocator slack, activations of one forward pass) is an estimate the user sets, not a
+measurement.
 """
 from __future__ import annotations
 
@@ -141,10 +142,12 @@ def bits_bar(blocksize: int = 64, numel: int = 4096 * 4096) -> tuple[list, dict,
     ``redraw``, {"plain": bits, "dq": bits, "parts": {"plain": {...}, "dq": {...}}})."""
     import plotly.graph_objects as go
 
-    bits = {k: {p: 8.0 * v / numel for p, v in storage_bytes_for(numel, blocksize, k == "dq").items()}
+    bits = {k: {part: 8.0 * size / numel
+                for part, size in storage_bytes_for(numel, blocksize, k == "dq").items()}
             for k in ("plain", "dq")}
     totals = {k: sum(v.values()) for k, v in bits.items()}
-    rows = {"plain": f"NF4: {totals['plain']:.3f} bits", "dq": f"NF4 + double quant: {totals['dq']:.3f} bits"}
+    rows = {"plain": f"NF4: {totals['plain']:.3f} bits",
+            "dq": f"NF4 + double quant: {totals['dq']:.3f} bits"}
     traces = []
     for part in PARTS:
         x = [bits[k].get(part, 0.0) for k in rows]
@@ -152,7 +155,8 @@ def bits_bar(blocksize: int = 64, numel: int = 4096 * 4096) -> tuple[list, dict,
         traces.append(go.Bar(y=list(rows.values()), x=x, orientation="h", name=LABELS[part],
                              marker_color=COLORS[part], text=text, textposition="inside",
                              insidetextanchor="middle", textangle=0,
-                             hovertemplate="%{y}: " + LABELS[part] + " %{x:.6f} bits<extra></extra>"))
+                             hovertemplate="%{y}: " + LABELS[part]
+                             + " %{x:.6f} bits<extra></extra>"))
     nested, offset = bits["dq"]["nested_absmax"], bits["dq"]["offset"]
     right = max(6.2, totals["plain"] * 1.25)
     ann = [dict(x=totals["dq"], y=rows["dq"], axref="x", ayref="y", ax=totals["dq"] + 0.55,

@@ -5,7 +5,8 @@ Source: QLoRA (arXiv 2305.14314) §3-4 (NF4 + double quantization of every linea
 transformer); bitsandbytes ``nn/modules.py::Linear4bit``. For a plain model each ``nn.Linear`` is
 quantized with ``q4lab.reference``; for a model already converted by ``q4lab.quantize_model`` the
 bytes are read from each ``Linear4bit``'s stored state (``q4lab.storage_bytes``) and the error needs
-the original weights (``original=`` the plain model or a dict), since a 4-bit layer no longer has them.
+the original weights (``original=`` the plain model or a dict), since a 4-bit layer no longer has
+them.
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ class ModelDashboard(WidgetBase):
         for w in (self.quant_type, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
         self.widget = W.VBox([
-            W.HBox([self.metric, self.blocksize, self.double_quant]), self.quant_type, self.fig.view,
+            W.HBox([self.metric, self.blocksize, self.double_quant]), self.quant_type,
+            self.fig.view,
             hint("<b>Try this:</b> switch the metric between SQNR and bits/param"
                  + ("" if self.is_quantized else ", and the blocksize from 64 to 4096") +
                  ". <b>Look for:</b> the colour bar's range: every layer sits within a few dB of "

@@ -7,9 +7,9 @@ probability. Blockwise quantization scales each block by its OWN absmax instead,
 |value| of 64 normal samples is about 2.5σ, not 1.848σ: the scaled values crowd the middle codes
 (each block also puts exactly one value on ±1). On N(0, 1) data at blocksize 64 the codes are used
 between about 1.7 % and 9.2 % of the time (entropy 3.88 of 4 bits); MiniLM's 37 real layers
-measure 3.78-3.89 bits (3.84 over all their weights together). Everything is computed with ``q4lab.reference``: the scaled values
-are ``blockwise.scale_blocks`` (what the encoder sees), the codes are unpacked from the reference's
-packed bytes.
+measure 3.78-3.89 bits (3.84 over all their weights together). Everything is computed with
+``q4lab.reference``: the scaled values are ``blockwise.scale_blocks`` (what the encoder sees), the
+codes are unpacked from the reference's packed bytes.
 """
 from __future__ import annotations
 
