@@ -10,9 +10,10 @@ Claims, each checked on a tiny random Llama (most cases) and on SmolLM2-135M (en
 bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks every 4-bit weight on the first eval-mode
 forward (``nn/modules.py::Linear4bit.forward`` -> ``functional.py::_convert_weight_packed_for_cpu``)
 and rounds its absmax to bfloat16, so its logits then differ from its own ``dequantize_4bit``.
-``exact_bnb`` turns that repacking off so bnb computes dequantize + matmul as on other CPUs; the
-test of that effect says how large it is. Inputs have more rows than q4lab's fused one-row path
-takes (q4lab.matmul.FUSED_MAX_ROWS), so both sides compute dequantize + F.linear.
+``helpers.exact_bnb`` (tests/helpers.py) turns that repacking off so bnb computes dequantize +
+matmul as on other CPUs; the test of that effect says how large it is. Inputs have more rows than
+q4lab's fused one-row path takes (q4lab.matmul.FUSED_MAX_ROWS), so both sides compute dequantize +
+F.linear.
 """
 from __future__ import annotations
 
@@ -30,35 +31,10 @@ from q4lab.testing import assert_bytes_equal
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig  # noqa: E402
+from helpers import bnb_load, tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 F32 = torch.float32
-
-
-def tiny_config(tie=True, **kw) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       tie_word_embeddings=tie, **kw)
-
-
-def tiny_llama(seed=0, dtype=F32, **kw):
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(tiny_config(**kw)).to(dtype).eval()
-
-
-def exact_bnb(model):
-    """Turn off bnb's AVX512-BF16 repacking (module docstring) on every bnb 4-bit layer."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    assert n, "no bitsandbytes 4-bit layer in the model"
-    return model
-
-
-def bnb_load(directory, **kw):
-    return exact_bnb(AutoModelForCausalLM.from_pretrained(str(directory), device_map="cpu", **kw))
 
 
 def tokens(seed=1, batch=2, length=24, vocab=256):

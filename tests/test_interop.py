@@ -22,6 +22,7 @@ from q4lab import reference as ref
 from q4lab.constants import BNB_QUANT_TYPES, FP4_SIGN_BIT
 
 bnb = pytest.importorskip("bitsandbytes")
+from helpers import bnb_linear4bit  # noqa: E402
 
 CASES = [((96, 160), 64, True, torch.float32), ((33, 70), 32, False, torch.bfloat16),
          ((3, 96), 64, True, torch.float16), ((5, 160), 64, True, torch.float32),
@@ -72,17 +73,6 @@ def linear(shape, dtype, seed=0):
     return nn.Linear(shape[1], shape[0], dtype=dtype)
 
 
-def bnb_quantized(lin, quant_type, blocksize, dq):
-    """A real bnb.nn.Linear4bit quantized by bitsandbytes itself (Params4bit._quantize on CPU)."""
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type=quant_type)
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                     blocksize=blocksize, compress_statistics=dq,
-                                     quant_type=quant_type, module=layer)._quantize("cpu")
-    layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return layer
-
-
 def bnb_dequant(layer):
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
@@ -118,7 +108,7 @@ def test_q4lab_layer_into_real_bnb_linear4bit(quant_type, shape, bs, dq, dtype):
 @pytest.mark.parametrize("shape, bs, dq, dtype", CASES[:4])
 def test_bnb_quantized_layer_into_q4lab(quant_type, shape, bs, dq, dtype):
     lin = linear(shape, dtype, seed=1)
-    b = bnb_quantized(lin, quant_type, bs, dq)
+    b = bnb_linear4bit(lin, quant_type, bs, dq)
     q = interop.from_bnb_linear(b, torch.float32)
     testing.assert_bytes_equal(b.weight.data.reshape(-1), q.packed, "packed")
     assert_bnb_computes(b, q, torch.randn(3, shape[1]))
@@ -179,7 +169,7 @@ class Net(nn.Module):
 def test_bnb_model_state_dict_into_fresh_q4lab_model(quant_type):
     bnet = Net()
     for name in ("a", "b"):
-        setattr(bnet, name, bnb_quantized(getattr(bnet, name), quant_type, 64, True))
+        setattr(bnet, name, bnb_linear4bit(getattr(bnet, name), quant_type, 64, True))
     sd = bnet.state_dict()
     assert "a.weight.quant_state.bitsandbytes__" + quant_type in sd
     qnet = q4lab.from_bnb_state_dict(Net(), sd, compute_dtype=torch.float32)

@@ -149,35 +149,48 @@ def test_auto_picks_cpu_kernel():
     assert isinstance(q4lab.backends()["cuda"], (bool, str))
 
 
-def _poisoned(shape, dtype):
-    return torch.full(shape, 0xAA, dtype=torch.uint8).view(dtype) if dtype == torch.uint8 else \
-        torch.full((int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size(),), 0xAA,
-                   dtype=torch.uint8).view(dtype).reshape(shape)
+def _poisoned(shape, dtype, device="cpu"):
+    """A tensor of ``shape`` whose every byte is 0xAA."""
+    size = int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
+    return torch.full((size,), 0xAA, dtype=torch.uint8, device=device).view(dtype).reshape(shape)
 
 
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 1001, 4096 * 3 + 17])
-def test_poisoned_outputs_fully_written(n):
-    x = torch.randn(n)
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                reason="needs a CUDA GPU and CUDA torch")]
+
+
+@pytest.mark.parametrize("device, quant_type, n", [
+    *[("cpu", "nf4", n) for n in (1, 63, 64, 65, 1001, 4096 * 3 + 17)],
+    *[pytest.param("cuda", "fp4", n, marks=ON_CUDA) for n in (1, 63, 65, 4096 * 5 + 17)]])
+def test_poisoned_outputs_fully_written(device, quant_type, n):
+    """Each ``_out`` op writes every byte of its given outputs (they start as 0xAA): equal to the
+    allocating op's result."""
+    if device == "cuda":
+        status = _kernels.available("cuda")
+        assert status is True, f"CUDA kernels must build on a GPU machine: {status}"
+    x = torch.randn(n, device=device)
     q = torch.ops.q4lab
-    packed, absmax = q.quantize_4bit(x, 64, "nf4")
-    p2, a2 = _poisoned(packed.shape, torch.uint8), _poisoned(absmax.shape, torch.float32)
-    q.quantize_4bit_out(x, 64, "nf4", p2, a2)
+    packed, absmax = q.quantize_4bit(x, 64, quant_type)
+    p2, a2 = _poisoned(packed.shape, torch.uint8, device), _poisoned(absmax.shape, torch.float32,
+                                                                     device)
+    q.quantize_4bit_out(x, 64, quant_type, p2, a2)
     assert_bytes_equal(packed, p2, "packed")
     assert_bytes_equal(absmax, a2, "absmax")
     codes, absmax2, off = q.quantize_absmax(absmax, None)
-    c3, m3, o3 = (_poisoned(codes.shape, torch.uint8), _poisoned(absmax2.shape, torch.float32),
-                  _poisoned((), torch.float32))
+    c3, m3, o3 = (_poisoned(codes.shape, torch.uint8, device),
+                  _poisoned(absmax2.shape, torch.float32, device),
+                  _poisoned((), torch.float32, device))
     q.quantize_absmax_out(absmax, None, c3, m3, o3)
     for e, g, what in [(codes, c3, "codes"), (absmax2, m3, "absmax2"), (off, o3, "offset")]:
         assert_bytes_equal(e, g, what)
     deq = q.dequantize_absmax(codes, absmax2, off)
-    d4 = _poisoned(deq.shape, torch.float32)
+    d4 = _poisoned(deq.shape, torch.float32, device)
     q.dequantize_absmax_out(codes, absmax2, off, d4)
     assert_bytes_equal(deq, d4, "dequantized absmax")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        out = q.dequantize_4bit(packed, absmax, 64, "nf4", n, dtype)
-        o5 = _poisoned((n,), dtype)
-        q.dequantize_4bit_out(packed, absmax, 64, "nf4", n, o5)
+        out = q.dequantize_4bit(packed, absmax, 64, quant_type, n, dtype)
+        o5 = _poisoned((n,), dtype, device)
+        q.dequantize_4bit_out(packed, absmax, 64, quant_type, n, o5)
         assert_bytes_equal(out, o5, f"dequantized {dtype}")
 
 

@@ -17,6 +17,7 @@ from q4lab import Linear4bit, Q4Config, testing
 from q4lab.formats import bnb as interop
 
 models = pytest.importorskip("q4lab.models")
+from helpers import bnb_linear4bit  # noqa: E402
 if models.available()["minilm"] is not True:
     pytest.skip(f"MiniLM unavailable: {models.available()['minilm']}", allow_module_level=True)
 
@@ -55,16 +56,10 @@ def quantized_minilm(**cfg):
 
 def bnb_minilm(quant_type="nf4", blocksize=64):
     """Every nn.Linear replaced by a real bnb.nn.Linear4bit quantized by bitsandbytes."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
     model, _ = models.load_minilm()
     for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        lin = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=True,
-                                  compute_dtype=torch.float32, quant_type=quant_type)
-        layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                         blocksize=blocksize, compress_statistics=True,
-                                         quant_type=quant_type, module=layer)._quantize("cpu")
-        layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        layer = bnb_linear4bit(model.get_submodule(name), quant_type, blocksize, True)
         q4lab.nn.set_submodule(model, name, layer)
     return model
 

@@ -24,27 +24,14 @@ peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from helpers import bnb_load, tiny_llama  # noqa: E402
 
 F32 = torch.float32
 
 
 def tiny_quantized(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed, tie=False)
     return q4lab.quantize_model(model, compute_dtype=F32, min_numel=0, progress=False)
-
-
-def bnb_base(directory):
-    """transformers + bnb base with bnb's AVX512-BF16 repacking off (see tests/test_hf.py)."""
-    model = AutoModelForCausalLM.from_pretrained(str(directory), device_map="cpu")
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-    return model
 
 
 def randomize_lora_B(model, seed=2):
@@ -93,19 +80,19 @@ def test_save_adapters_writes_peft_layout(q4_with_adapters):
 
 def test_peft_loads_q4lab_adapters_over_the_bnb_base(q4_with_adapters):
     model, base, adapter = q4_with_adapters
-    theirs = PeftModel.from_pretrained(bnb_base(base), str(adapter)).eval()
+    theirs = PeftModel.from_pretrained(bnb_load(base), str(adapter)).eval()
     wrapped = [n for n, m in theirs.named_modules()
                if isinstance(m, peft.tuners.lora.bnb.Linear4bit)]
     assert len(wrapped) == 4
     ours = logits(model)
-    assert not torch.equal(ours, logits(bnb_base(base)))  # the adapters change the output
+    assert not torch.equal(ours, logits(bnb_load(base)))  # the adapters change the output
     assert_bytes_equal(ours, logits(theirs), "logits q4lab LoRA vs PEFT over bnb")
 
 
 def test_load_adapters_reads_what_peft_wrote(q4_with_adapters, tmp_path):
     _, base, _ = q4_with_adapters
-    theirs = get_peft_model(bnb_base(base), LoraConfig(r=8, lora_alpha=16,
-                                                        target_modules=["k_proj", "down_proj"]))
+    theirs = get_peft_model(bnb_load(base), LoraConfig(r=8, lora_alpha=16,
+                                                       target_modules=["k_proj", "down_proj"]))
     randomize_lora_B(theirs, seed=3)
     theirs.eval().save_pretrained(str(tmp_path / "peft_adapter"))
     ours = q4lab.from_pretrained(base)
@@ -117,7 +104,7 @@ def test_load_adapters_reads_what_peft_wrote(q4_with_adapters, tmp_path):
     assert_bytes_equal(logits(theirs), logits(ours), "logits PEFT adapters in q4lab")
     # and back: q4lab writes them out again, PEFT reads them, same outputs
     q4lab.save_adapters(ours, tmp_path / "again")
-    again = PeftModel.from_pretrained(bnb_base(base), str(tmp_path / "again")).eval()
+    again = PeftModel.from_pretrained(bnb_load(base), str(tmp_path / "again")).eval()
     assert_bytes_equal(logits(ours), logits(again), "logits after a second round trip")
 
 

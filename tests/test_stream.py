@@ -24,18 +24,14 @@ from q4lab.formats.shards import inventory, read_header
 from q4lab.testing import assert_bytes_equal
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from helpers import bnb_load, tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 CFG = q4lab.Q4Config(min_numel=0)  # QLoRA defaults (bf16 compute), every Linear but lm_head
 
 
 def write_llama(directory, dtype=torch.bfloat16, shard="40KB", tie=True, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=tie)
-    transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(directory,
-                                                                     max_shard_size=shard)
+    tiny_llama(seed, dtype, tie=tie).save_pretrained(directory, max_shard_size=shard)
     return directory
 
 
@@ -74,10 +70,7 @@ def test_stream_output_loads_in_transformers_bnb(source, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     cfg = q4lab.Q4Config(min_numel=0, compute_dtype=torch.float32)
     q4lab.quantize_checkpoint(source, tmp_path / "q", cfg, progress=False)
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), device_map="cpu")
-    for m in theirs.modules():  # bnb's AVX512-BF16 repacking off: tests/test_hf.py
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    theirs = bnb_load(tmp_path / "q")  # bnb's AVX512-BF16 repacking off
     ours = q4lab.quantize_model(AutoModelForCausalLM.from_pretrained(str(source)), cfg,
                                 progress=False)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
