@@ -14,11 +14,6 @@ Writes bench/results/model_<device>_<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +22,7 @@ import q4lab
 from q4lab import models
 from q4lab.testing import byte_mismatch
 
+from _harness import Stopwatch, today, write_results
 from _machine import machine
 
 
@@ -41,18 +37,11 @@ def fresh(device):
     return model, tok
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_q4lab(device, backend):
     model, tok = fresh(device)
-    sync(device)
-    start = time.perf_counter()
-    q4lab.quantize_model(model, q4lab.Q4Config(backend=backend), progress=False)
-    sync(device)
-    return time.perf_counter() - start, model, tok
+    with Stopwatch(device) as clock:
+        q4lab.quantize_model(model, q4lab.Q4Config(backend=backend), progress=False)
+    return clock.wall_s, model, tok
 
 
 def time_bnb(device):
@@ -61,15 +50,13 @@ def time_bnb(device):
     model, _ = fresh(device)
     names = eligible(model)
     weights = {n: model.get_submodule(n).weight.data for n in names}
-    sync(device)
-    start = time.perf_counter()
     packed = {}
-    for n in names:
-        p = bnb.nn.Params4bit(weights[n], requires_grad=False, blocksize=64,
-                              compress_statistics=True, quant_type="nf4")._quantize(device)
-        packed[n] = p.data
-    sync(device)
-    return time.perf_counter() - start, packed
+    with Stopwatch(device) as clock:
+        for n in names:
+            p = bnb.nn.Params4bit(weights[n], requires_grad=False, blocksize=64,
+                                  compress_statistics=True, quant_type="nf4")._quantize(device)
+            packed[n] = p.data
+    return clock.wall_s, packed
 
 
 def time_torchao(device):
@@ -78,12 +65,10 @@ def time_torchao(device):
     model, _ = fresh(device)
     weights = [model.get_submodule(n).weight.data for n in eligible(model)]
     ok = [w for w in weights if (w.numel() // 64) % 256 == 0]  # to_nf4 needs whole scaler blocks
-    sync(device)
-    start = time.perf_counter()
-    for w in ok:
-        to_nf4(w, 64, 256)
-    sync(device)
-    return time.perf_counter() - start, len(ok), sum(w.numel() for w in ok)
+    with Stopwatch(device) as clock:
+        for w in ok:
+            to_nf4(w, 64, 256)
+    return clock.wall_s, len(ok), sum(w.numel() for w in ok)
 
 
 def main() -> dict:
@@ -131,9 +116,7 @@ def main() -> dict:
            "timing": "one run each, after a warm-up load", "answer": answer,
            "bytes_before": rep.total["bytes_before"], "bytes_after": rep.total["bytes_after"],
            "note": rep.note}
-    path = Path(__file__).parent / "results" / f"model_{device}_{dt.date.today().isoformat()}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + os.linesep)
+    path = write_results(out, f"model_{device}_{today()}.json")
     print(rep.summary(), f"\nwrote {path}")
     return out
 

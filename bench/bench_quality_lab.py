@@ -20,14 +20,12 @@ timings). Usage: ``python bench/bench_quality_lab.py [--tokens 1024] [--new-toke
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
+from _harness import RESULTS, Stopwatch, today, write_results
 from _machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,16 +53,16 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    lab = widgets.quality_lab(tokens=args.tokens, new_tokens=args.new_tokens)
-    build = time.perf_counter() - t0
+    with Stopwatch() as clock:
+        lab = widgets.quality_lab(tokens=args.tokens, new_tokens=args.new_tokens)
+    build = clock.wall_s
     print(f"built the lab in {build:.1f} s (model load, float evaluation, first configuration)")
     changes = []
     for control, value in CHANGES[:args.changes]:
         n = len(lab.history)
-        t, c = time.perf_counter(), time.process_time()
-        getattr(lab, control).value = value
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        with Stopwatch() as clock:
+            getattr(lab, control).value = value
+        wall, cpu = clock.wall_s, clock.cpu_s
         assert len(lab.history) == n + 1, f"{control}={value!r} did not add a new configuration"
         rec = lab.current
         changes.append({"control": control, "value": value, "label": rec["label"],
@@ -92,9 +90,8 @@ def main(argv=None) -> dict:
           f"(target <= 10 s), median {result['median_cpu_seconds']:.2f} CPU s; "
           f"load average {load_before[0]:.1f} -> {load_after[0]:.1f} on "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
-    out = args.out or ROOT / "bench" / "results" / f"quality_lab_cpu_{dt.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) if args.out else RESULTS / f"quality_lab_cpu_{today()}.json"
+    out = write_results(result, out.name, out.parent)
     print(f"wrote {out}")
     return result
 

@@ -13,13 +13,8 @@ repeats. Wall time and process CPU time are both recorded (shared machines are n
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import statistics
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -27,23 +22,16 @@ import q4lab
 from q4lab import reference as ref
 from q4lab.testing import assert_bytes_equal, byte_mismatch
 
+import _harness as harness
+from _harness import today, write_results
 from _machine import machine
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPEATS = int(os.environ.get("Q4LAB_BENCH_REPEATS", "7"))
 
 
 def timed(fn, repeats: int = REPEATS) -> dict:
-    """Median wall and process-CPU seconds of ``fn()`` after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-            "wall_min_s": min(walls)}
+    """Median wall and process-CPU seconds of ``fn()`` after one warm-up call (_harness.timed)."""
+    return harness.timed(fn, repeats, warmup=1)
 
 
 def rss_bytes() -> int:
@@ -238,7 +226,5 @@ if __name__ == "__main__":
                             formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     res = main()
     report(res)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"cpu_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(res, indent=2, default=float))
+    path = write_results(res, f"cpu_{today()}.json")
     print(f"wrote {path}")

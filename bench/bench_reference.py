@@ -11,11 +11,6 @@ bench/results/reference_cpu_<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,24 +18,20 @@ import torch
 from q4lab import reference as ref
 from q4lab.testing import assert_bytes_equal
 
+from _harness import RESULTS, timed, today, write_results
 from _machine import machine
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (first-touch allocations, bnb's lazy setup)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds after one warm-up call (first-touch allocations, bnb's lazy setup)."""
+    return timed(fn, repeats, warmup=1)["wall_s"]
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     import bitsandbytes.functional as bnbf
 
@@ -69,10 +60,7 @@ def main() -> dict:
     print(f"  q4lab reference : {t_ref * 1e3:8.1f} ms  {n / t_ref / 1e6:7.1f} M elements/s")
     print(f"  bitsandbytes CPU: {t_bnb * 1e3:8.1f} ms  {n / t_bnb / 1e6:7.1f} M elements/s")
     print(f"  ratio (bnb time / reference time): {t_bnb / t_ref:.2f}x")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"reference_cpu_{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results(result, f"reference_cpu_{today()}.json", args.out)
     print(f"  wrote {path}")
     return result
 

@@ -23,7 +23,6 @@ after each child is recorded beside the timings.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import math
@@ -32,9 +31,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _harness import Stopwatch, today, write_results
 from _machine import machine
 
 LLAMA = {"7B": dict(hidden=4096, mlp=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
@@ -56,7 +55,7 @@ def child(kind: str, src: str, dst: str) -> dict:
     import q4lab
 
     start_mb = hwm_mb()
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     if kind == "baseline":
         pass
     elif kind == "warm":  # build / load the C++ kernels once, so no timed child pays for it
@@ -78,10 +77,10 @@ def child(kind: str, src: str, dst: str) -> dict:
         q4lab.quantize_model(model, progress=False)
         q4lab.save_pretrained(model, dst)
         return {"start_mb": start_mb, "peak_mb": hwm_mb(), "after_load_mb": loaded_mb,
-                "seconds": time.perf_counter() - t0}
+                "seconds": clock.stop()}
     elif kind == "verify":
         return verify(src)
-    return {"start_mb": start_mb, "peak_mb": hwm_mb(), "seconds": time.perf_counter() - t0}
+    return {"start_mb": start_mb, "peak_mb": hwm_mb(), "seconds": clock.stop()}
 
 
 def verify(directory: str) -> dict:
@@ -234,10 +233,10 @@ def main() -> None:
         for d in (src, streamed, loaded):
             shutil.rmtree(d, ignore_errors=True)
         src.mkdir()
-        t0 = time.perf_counter()
+        clock = Stopwatch()
         ckpt = write_checkpoint(src, args.layers)
         print(f"wrote {ckpt['bytes'] / 1e9:.2f} GB in {ckpt['shards']} shards "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"({clock.stop():.0f} s)", flush=True)
         if ckpt["bytes"] < 1.5e9:
             print("note: checkpoint below 1.5 GB (use --layers 3 or more for the issue's test)")
         run_child("warm", src)
@@ -272,9 +271,7 @@ def main() -> None:
             "output_bytes": sum(p.stat().st_size for p in streamed.iterdir()),
             "arithmetic": arithmetic(stream, imports, baseline, ckpt, stream["seconds"]),
         }
-        day = dt.date.today().isoformat()
-        out = Path(__file__).resolve().parent / "results" / f"stream_cpu_{day}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out = write_results(result, f"stream_cpu_{today()}.json")
         s, ld = result["streaming"], result["load_then_quantize_model"]
         print(f"checkpoint {ckpt['bytes'] / 1e9:.2f} GB: streaming adds "
               f"{s['increase_mb']:.0f} MB ({100 * s['increase_fraction_of_checkpoint']:.1f} %), "

@@ -13,9 +13,6 @@ bench/results/sweep_matmul_cpu.json.
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +23,8 @@ from q4lab import matmul as fused
 from q4lab.constants import BLOCKSIZES, QUANT_TYPES
 from q4lab.testing import byte_mismatch
 
+from _harness import Stopwatch, write_results
 from _machine import machine
-
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -61,7 +57,7 @@ def main() -> dict:
     assert q4lab.backends()["cpu"] is True, q4lab.backends()
     rng = np.random.default_rng(args.seed)
     isas = fused.isas()
-    mismatches, compared, start = [], 0, time.perf_counter()
+    mismatches, compared, clock = [], 0, Stopwatch()
     for case in tqdm(range(args.cases), desc="matmul_4bit sweep", unit="case", mininterval=5):
         desc, x, packed, state, bias = draw_case(rng)
         expected = fused.matmul_4bit(x, packed, state, bias, backend="reference")
@@ -72,13 +68,12 @@ def main() -> dict:
             compared += 1
             if msg is not None:
                 mismatches.append(f"case {case} {desc} isa={isa} threads={threads}: {msg}")
-    seconds = time.perf_counter() - start
+    seconds = clock.stop()
     result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas,
               "comparisons": compared,
               "mismatches": len(mismatches), "first_mismatches": mismatches[:20],
               "seconds": round(seconds, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep_matmul_cpu.json").write_text(json.dumps(result, indent=2))
+    write_results(result, "sweep_matmul_cpu.json")
     print(f"{args.cases} cases x {len(isas)} forms: {len(mismatches)} mismatches "
           f"in {seconds:.0f} s")
     for m in mismatches[:20]:

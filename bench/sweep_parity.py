@@ -11,9 +11,7 @@ replayed (``--replay SEED``). The summary goes to ``bench/results/sweep_cpu.json
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -24,9 +22,8 @@ from q4lab import _kernels
 from q4lab.constants import BLOCKSIZES, DTYPES, QUANT_TYPES
 from q4lab.testing import boundary_values, parity_mismatches, round_to_dtype
 
+from _harness import RESULTS, Stopwatch, write_results
 from _machine import machine
-
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("normal", "boundary", "subnormal", "huge", "zeros", "mixed")
 
 
@@ -97,7 +94,7 @@ def main(argv=None) -> int:
         return 0
     counts: dict = {}
     failures: list = []
-    start = time.perf_counter()
+    clock = Stopwatch()
     for seed in tqdm(range(args.seed, args.seed + args.cases), desc="reference vs C++"):
         case = draw_case(seed)
         key = f"{case['quant_type']}/{case['kind']}"
@@ -105,9 +102,8 @@ def main(argv=None) -> int:
         msg = compare(case)
         if msg:
             failures.append({"seed": seed, "mismatch": msg})
-    result = summary(args, counts, failures, time.perf_counter() - start)
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = summary(args, counts, failures, clock.stop())
+    write_results(result, args.out.name, args.out.parent)
     print(f"{args.cases} cases, {len(failures)} mismatching; wrote {args.out}")
     return 1 if failures else 0
 
