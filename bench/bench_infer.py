@@ -19,8 +19,6 @@ dequantizes per call. Writes bench/results/infer_<device>_<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import time
 import warnings
@@ -34,9 +32,9 @@ import q4lab
 from q4lab import matmul as fused
 from q4lab.testing import assert_bytes_equal
 
+from _harness import today, write_results
 from _machine import machine
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain what a neural network is in one sentence."]
@@ -340,9 +338,7 @@ def main() -> dict:
             result["decode_compiled"] = bench_decode_compiled(args.tokens)
     info["load_average_at_end"] = os.getloadavg()
     report(result)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"infer_cpu_{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_results(result, f"infer_cpu_{today()}.json")
     print(f"wrote {path}")
     return result
 
