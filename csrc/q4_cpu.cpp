@@ -7,15 +7,13 @@
 //                      (QLoRA section 3 "Double Quantization"; bnb quantize_4bit(compress_statistics))
 //   dequantize_absmax  absmax = RN(RN(dyn[q] * absmax2) + offset)
 //   dequantize_4bit    out = RN(table[code] * absmax), then RNE to fp16/bf16
-// Blocks are independent: parallel_chunks hands runs of whole blocks to at::parallel_for's threads,
+// Blocks are independent: q4_parallel_chunks (q4_dtype.h) hands runs of whole blocks to threads,
 // and the loops inside a block are fixed-trip loops the compiler vectorizes (-O3 -march=native
 // -ffp-contract=off, never -ffast-math; check with -fopt-info-vec). On AVX2 machines two inner loops
 // use the intrinsics of q4_cpu_avx2.h (same results). Each op is written once, as its `_out` form
 // writing into given tensors (the tests poison those buffers to prove every byte is written); the
 // allocating form and the registration are q4_checks.h's Q4Ops (CpuOps). Indexing is 64-bit.
 #include <torch/library.h>
-#include <ATen/Parallel.h>
-#include <atomic>
 #include <cstring>
 #include <vector>
 #if defined(__linux__)
@@ -23,6 +21,7 @@
 #endif
 #include "q4_checks.h"
 #include "q4_cpu_avx2.h"
+#include "q4_dtype.h"
 
 namespace q4lab {
 namespace {
@@ -45,27 +44,6 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return t;
 }
 constexpr int64_t kGrainElements = 1 << 15;  // elements per parallel task, about 128 KiB of float32
-
-// Run fn(first, last) over [0, n) in chunks of `chunk` items, handed out dynamically: a thread that
-// is descheduled on a busy machine does not hold up a fixed share of the work (at::parallel_for
-// alone splits the range statically, one piece per thread).
-template <class F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& fn) {
-  const int64_t nchunks = ceil_div(n, chunk);
-  if (nchunks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    fn(0, n);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), nchunks), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
-      fn(c * chunk, std::min(n, (c + 1) * chunk));
-  });
-}
-
-struct LoadF32 { using T = float; static float f32(float v) { return v; } };
-struct LoadF16 { using T = uint16_t; static float f32(uint16_t v) { return q4_f16_to_f32(v); } };
-struct LoadBF16 { using T = uint16_t; static float f32(uint16_t v) { return q4_bf16_to_f32(v); } };
 
 // Steps 4-6 for 32 scaled elements (blocksizes are multiples of 32): fixed-trip loops that the
 // compiler vectorizes. `v` holds the float32 inputs, `out` gets 16 packed bytes. With AVX2, nf4 and
@@ -105,52 +83,45 @@ inline void encode_pack32(const float* v, Q4Scale s, const Encoder& enc, uint8_t
 // Steps 1-6 for one block of `valid` (<= blocksize) elements; `packed` gets ceil(valid / 2) bytes.
 // A short tail block is copied into a zero-padded buffer first (padding never raises the absmax);
 // an odd n ends with the zero code as its pad nibble (docs/format.md §6).
-template <class Load, bool kFP4>
-void quantize_block(const typename Load::T* x, int64_t valid, int64_t blocksize,
+template <class D, bool kFP4>
+void quantize_block(const typename D::T* x, int64_t valid, int64_t blocksize,
                     const Encoder& enc, uint8_t* packed, float* absmax_out) {
   if (valid < blocksize) {
     alignas(64) float buf[kMaxBlock];
     alignas(64) uint8_t bytes[kMaxBlock / 2];
-    for (int64_t i = 0; i < valid; ++i) buf[i] = Load::f32(x[i]);
+    for (int64_t i = 0; i < valid; ++i) buf[i] = D::load(x[i]);
     for (int64_t i = valid; i < blocksize; ++i) buf[i] = 0.0f;
-    quantize_block<LoadF32, kFP4>(buf, blocksize, blocksize, enc, bytes, absmax_out);
+    quantize_block<Q4F32, kFP4>(buf, blocksize, blocksize, enc, bytes, absmax_out);
     for (int64_t j = 0; j < valid / 2; ++j) packed[j] = bytes[j];
     if (valid & 1) packed[valid / 2] = q4_pack(bytes[valid / 2] >> 4, enc.cb.zero_code);
     return;
   }
   uint32_t max_bits = 0;
   for (int64_t u = 0; u < blocksize; u += kSub)
-    for (int i = 0; i < kSub; ++i) max_bits = q4_max_bits(max_bits, q4_abs_bits(Load::f32(x[u + i])));
+    for (int i = 0; i < kSub; ++i) max_bits = q4_max_bits(max_bits, q4_abs_bits(D::load(x[u + i])));
   const float absmax = q4_float(max_bits);
   *absmax_out = absmax;
   const Q4Scale s = q4_reciprocal_scale(absmax);
   alignas(64) float v[kSub];
   for (int64_t u = 0; u < blocksize; u += kSub) {
-    for (int i = 0; i < kSub; ++i) v[i] = Load::f32(x[u + i]);
+    for (int i = 0; i < kSub; ++i) v[i] = D::load(x[u + i]);
     encode_pack32<kFP4>(v, s, enc, packed + u / 2);
   }
 }
 
-template <class Load, bool kFP4>
+template <class D, bool kFP4>
 void quantize_all(const at::Tensor& flat, int64_t blocksize, const Q4Codebook& cb,
                   uint8_t* packed, float* absmax) {
-  const auto* x = reinterpret_cast<const typename Load::T*>(flat.data_ptr());
+  const auto* x = reinterpret_cast<const typename D::T*>(flat.data_ptr());
   const int64_t n = flat.numel(), nblocks = ceil_div(n, blocksize);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
   const Encoder enc(cb);
-  parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
+  q4_parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t lo = b * blocksize, valid = std::min(blocksize, n - lo);
-      quantize_block<Load, kFP4>(x + lo, valid, blocksize, enc, packed + lo / 2, absmax + b);
+      quantize_block<D, kFP4>(x + lo, valid, blocksize, enc, packed + lo / 2, absmax + b);
     }
   });
-}
-
-template <class Load>
-void quantize_dispatch_type(const at::Tensor& flat, int64_t blocksize, const Q4Codebook& cb,
-                            uint8_t* packed, float* absmax) {
-  if (cb.is_fp4) quantize_all<Load, true>(flat, blocksize, cb, packed, absmax);
-  else quantize_all<Load, false>(flat, blocksize, cb, packed, absmax);
 }
 
 void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::string_view quant_type,
@@ -159,11 +130,11 @@ void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::strin
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
   auto* p = packed.data_ptr<uint8_t>();
   auto* a = absmax.data_ptr<float>();
-  switch (flat.scalar_type()) {
-    case at::kFloat: quantize_dispatch_type<LoadF32>(flat, blocksize, cb, p, a); break;
-    case at::kHalf: quantize_dispatch_type<LoadF16>(flat, blocksize, cb, p, a); break;
-    default: quantize_dispatch_type<LoadBF16>(flat, blocksize, cb, p, a); break;
-  }
+  q4_dispatch_dtype(flat.scalar_type(), [&](auto dtype) {
+    using D = decltype(dtype);
+    if (cb.is_fp4) quantize_all<D, true>(flat, blocksize, cb, p, a);
+    else quantize_all<D, false>(flat, blocksize, cb, p, a);
+  });
 }
 
 // ---- double quantization -------------------------------------------------------------------
@@ -172,7 +143,7 @@ void quantize_4bit_out_cpu(const at::Tensor& flat, int64_t blocksize, c10::strin
 float exact_mean_cpu(const float* absmax, int64_t count) {
   const int64_t chunk = 1 << 16, nchunks = ceil_div(count, chunk);
   std::vector<uint64_t> partial(nchunks * Q4_EXPONENT_BINS, 0);
-  parallel_chunks(nchunks, 1, [&](int64_t first, int64_t last) {
+  q4_parallel_chunks(nchunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       uint64_t* bins = partial.data() + c * Q4_EXPONENT_BINS;
       for (int64_t i = c * chunk; i < std::min(count, (c + 1) * chunk); ++i)
@@ -197,7 +168,7 @@ void quantize_absmax_out_cpu(const at::Tensor& absmax, const c10::optional<at::T
   const Q4Dynamic& dyn = q4_dynamic();
   uint8_t* q = codes.data_ptr<uint8_t>();
   float* a2 = absmax2.data_ptr<float>();
-  parallel_chunks(ngroups, 16, [&](int64_t first, int64_t last) {
+  q4_parallel_chunks(ngroups, 16, [&](int64_t first, int64_t last) {
     for (int64_t g = first; g < last; ++g) {
       const int64_t lo = g * kNestedBlocksize, hi = std::min(count, lo + kNestedBlocksize);
       float xn[kNestedBlocksize];
@@ -222,17 +193,13 @@ void dequantize_absmax_out_cpu(const at::Tensor& codes, const at::Tensor& absmax
   const float* a2 = absmax2.data_ptr<float>();
   const float off = offset.contiguous().data_ptr<float>()[0];
   float* o = out.data_ptr<float>();
-  parallel_chunks(codes.numel(), kGrainElements, [&](int64_t first, int64_t last) {
+  q4_parallel_chunks(codes.numel(), kGrainElements, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i)
       o[i] = q4_decode_absmax(dyn, q[i], a2[i / kNestedBlocksize], off);
   });
 }
 
 // ---- dequantize ----------------------------------------------------------------------------
-struct StoreF32 { using T = float; static float of(float v) { return v; } };
-struct StoreF16 { using T = uint16_t; static uint16_t of(float v) { return q4_f32_to_f16(v); } };
-struct StoreBF16 { using T = uint16_t; static uint16_t of(float v) { return q4_f32_to_bf16(v); } };
-
 // Per block: the 16 products table[c] * absmax, rounded and converted once, then a byte -> two
 // outputs lookup (the same values an element-wise multiply gives, computed 16 times per block).
 #if defined(__AVX2__)
@@ -240,19 +207,19 @@ inline void lookup_avx2(const uint16_t* level, const uint8_t* p, uint16_t* o) { 
 inline void lookup_avx2(const float* level, const uint8_t* p, float* o) { lookup32_avx2(level, p, o); }
 #endif
 
-template <class Store>
+template <class D>
 void dequantize_all(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t n,
-                    const Q4Codebook& cb, typename Store::T* out) {
+                    const Q4Codebook& cb, typename D::T* out) {
   const int64_t nblocks = ceil_div(n, blocksize);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / blocksize);
-  parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
-    typename Store::T level[Q4_CODES];
+  q4_parallel_chunks(nblocks, grain, [&](int64_t first, int64_t last) {
+    typename D::T level[Q4_CODES];
     for (int64_t b = first; b < last; ++b) {
-      for (int c = 0; c < Q4_CODES; ++c) level[c] = Store::of(q4_decode(cb, c, absmax[b]));
+      for (int c = 0; c < Q4_CODES; ++c) level[c] = D::store(q4_decode(cb, c, absmax[b]));
       const int64_t lo = b * blocksize, hi = std::min(n, lo + blocksize);
       const int64_t pairs = (hi - lo) / 2;
       const uint8_t* p = packed + lo / 2;
-      typename Store::T* o = out + lo;
+      typename D::T* o = out + lo;
       int64_t j = 0;
 #if defined(__AVX2__)
       for (; j + 16 <= pairs; j += 16) lookup_avx2(level, p + j, o + 2 * j);
@@ -271,14 +238,10 @@ void dequantize_4bit_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
   const Q4Codebook cb = check_dequantize_out(packed, absmax, blocksize, quant_type, n, out);
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
-  switch (out.scalar_type()) {
-    case at::kFloat: dequantize_all<StoreF32>(p, a, blocksize, n, cb, out.data_ptr<float>()); break;
-    case at::kHalf:
-      dequantize_all<StoreF16>(p, a, blocksize, n, cb, reinterpret_cast<uint16_t*>(out.data_ptr()));
-      break;
-    default:
-      dequantize_all<StoreBF16>(p, a, blocksize, n, cb, reinterpret_cast<uint16_t*>(out.data_ptr()));
-  }
+  q4_dispatch_dtype(out.scalar_type(), [&](auto dtype) {
+    using D = decltype(dtype);
+    dequantize_all<D>(p, a, blocksize, n, cb, reinterpret_cast<typename D::T*>(out.data_ptr()));
+  });
 }
 
 using CpuOps = Q4Ops<quantize_4bit_out_cpu, quantize_absmax_out_cpu, dequantize_absmax_out_cpu,

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "q4_checks.h"
+#include "q4_dtype.h"
 
 namespace q4lab {
 namespace {
@@ -24,14 +25,6 @@ constexpr int kWarp = 32;
 int64_t grid_for(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(work_items, kThreads), 65535));
 }
-
-struct LoadF32 { __device__ static float f32(const void* p, int64_t i) { return ((const float*)p)[i]; } };
-struct LoadF16 {
-  __device__ static float f32(const void* p, int64_t i) { return q4_f16_to_f32(((const uint16_t*)p)[i]); }
-};
-struct LoadBF16 {
-  __device__ static float f32(const void* p, int64_t i) { return q4_bf16_to_f32(((const uint16_t*)p)[i]); }
-};
 
 __device__ inline uint32_t warp_max_bits(uint32_t m) {
   for (int off = kWarp / 2; off > 0; off >>= 1) m = q4_max_bits(m, __shfl_xor_sync(0xffffffffu, m, off));
@@ -51,8 +44,8 @@ __device__ inline void load_shared(Q4Dynamic& dst, const Q4Dynamic& src) {
 }
 
 // Steps 2-6 (reference/blockwise.py): one warp per block; an odd n pads with the zero code.
-template <class Load>
-__global__ void quantize_kernel(const void* x, int64_t n, int64_t blocksize, Q4Codebook cb,
+template <class D>
+__global__ void quantize_kernel(const typename D::T* x, int64_t n, int64_t blocksize, Q4Codebook cb,
                                 uint8_t* packed, float* absmax) {
   __shared__ Q4Codebook scb;
   if (threadIdx.x == 0) scb = cb;
@@ -62,15 +55,15 @@ __global__ void quantize_kernel(const void* x, int64_t n, int64_t blocksize, Q4C
   for (int64_t b = global_warp(); b < nblocks; b += warp_count()) {
     const int64_t lo = b * blocksize, hi = min(n, lo + blocksize);
     uint32_t m = 0;
-    for (int64_t i = lo + lane; i < hi; i += kWarp) m = q4_max_bits(m, q4_abs_bits(Load::f32(x, i)));
+    for (int64_t i = lo + lane; i < hi; i += kWarp) m = q4_max_bits(m, q4_abs_bits(D::load(x[i])));
     const float a = q4_float(warp_max_bits(m));
     if (lane == 0) absmax[b] = a;
     const Q4Scale s = q4_reciprocal_scale(a);
     for (int64_t j = lo / 2 + lane; j < (hi + 1) / 2; j += kWarp) {
-      const float x0 = Load::f32(x, 2 * j);
+      const float x0 = D::load(x[2 * j]);
       uint32_t odd = scb.zero_code;
       if (2 * j + 1 < hi) {
-        const float x1 = Load::f32(x, 2 * j + 1);
+        const float x1 = D::load(x[2 * j + 1]);
         odd = q4_encode(scb, q4_scale(x1, s), x1);
       }
       packed[j] = q4_pack(q4_encode(scb, q4_scale(x0, s), x0), odd);
@@ -128,18 +121,10 @@ __global__ void dequantize_absmax_kernel(const uint8_t* codes, int64_t count, co
     out[i] = q4_decode_absmax(sdyn, codes[i], absmax2[i / kNestedBlocksize], off);
 }
 
-struct StoreF32 { __device__ static void at(void* o, int64_t i, float v) { ((float*)o)[i] = v; } };
-struct StoreF16 {
-  __device__ static void at(void* o, int64_t i, float v) { ((uint16_t*)o)[i] = q4_f32_to_f16(v); }
-};
-struct StoreBF16 {
-  __device__ static void at(void* o, int64_t i, float v) { ((uint16_t*)o)[i] = q4_f32_to_bf16(v); }
-};
-
 // One thread per packed byte -> two outputs (the second only when 2j + 1 < n).
-template <class Store>
+template <class D>
 __global__ void dequantize_kernel(const uint8_t* packed, const float* absmax, int64_t blocksize,
-                                  int64_t n, Q4Codebook cb, void* out) {
+                                  int64_t n, Q4Codebook cb, typename D::T* out) {
   __shared__ Q4Codebook scb;
   if (threadIdx.x == 0) scb = cb;
   __syncthreads();
@@ -148,8 +133,8 @@ __global__ void dequantize_kernel(const uint8_t* packed, const float* absmax, in
        j += (int64_t)gridDim.x * blockDim.x) {
     const uint32_t p = packed[j];
     const float a = absmax[2 * j / blocksize];  // 2j and 2j + 1 share a block: blocksize is even
-    Store::at(out, 2 * j, q4_decode(scb, p >> 4, a));
-    if (2 * j + 1 < n) Store::at(out, 2 * j + 1, q4_decode(scb, p & 15u, a));
+    out[2 * j] = D::store(q4_decode(scb, p >> 4, a));
+    if (2 * j + 1 < n) out[2 * j + 1] = D::store(q4_decode(scb, p & 15u, a));
   }
 }
 
@@ -161,14 +146,13 @@ void quantize_4bit_out_cuda(const at::Tensor& flat, int64_t blocksize, c10::stri
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
   c10::cuda::CUDAGuard guard(flat.device());
   const int64_t grid = grid_for(nblocks * kWarp), n = flat.numel();
-  const void* x = flat.data_ptr();
   uint8_t* p = packed.data_ptr<uint8_t>();
   float* a = absmax.data_ptr<float>();
-  switch (flat.scalar_type()) {
-    case at::kFloat: quantize_kernel<LoadF32><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
-    case at::kHalf: quantize_kernel<LoadF16><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
-    default: quantize_kernel<LoadBF16><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a); break;
-  }
+  q4_dispatch_dtype(flat.scalar_type(), [&](auto dtype) {
+    using D = decltype(dtype);
+    const auto* x = reinterpret_cast<const typename D::T*>(flat.data_ptr());
+    quantize_kernel<D><<<grid, kThreads, 0, stream()>>>(x, n, blocksize, cb, p, a);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -212,12 +196,11 @@ void dequantize_4bit_out_cuda(const at::Tensor& packed, const at::Tensor& absmax
   const int64_t grid = grid_for(ceil_div(n, 2));
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* a = absmax.data_ptr<float>();
-  void* o = out.data_ptr();
-  switch (out.scalar_type()) {
-    case at::kFloat: dequantize_kernel<StoreF32><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
-    case at::kHalf: dequantize_kernel<StoreF16><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
-    default: dequantize_kernel<StoreBF16><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o); break;
-  }
+  q4_dispatch_dtype(out.scalar_type(), [&](auto dtype) {
+    using D = decltype(dtype);
+    auto* o = reinterpret_cast<typename D::T*>(out.data_ptr());
+    dequantize_kernel<D><<<grid, kThreads, 0, stream()>>>(p, a, blocksize, n, cb, o);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -25,6 +25,7 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "q4_dtype.h"
 #include "q4_matmul_checks.h"
 
 namespace q4lab {
@@ -264,14 +265,11 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   // About 64K weights per task, in whole groups of 4 rows (the SIMD forms' widest group).
   const int64_t rows_per_task = std::max<int64_t>(4, ((1 << 16) / p.K + 3) / 4 * 4);
   const int64_t ntasks = ceil_div(shape.N, rows_per_task);
-  std::atomic<int64_t> next{0};
-  const auto work = [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1))
+  q4_parallel_chunks(ntasks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t)
       compute_rows(p, isa, xs, xd.empty() ? nullptr : xd.data(), shape.M, t * rows_per_task,
                    std::min(shape.N, (t + 1) * rows_per_task), ys);
-  };
-  if (ntasks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) work(0, 1);
-  else at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), ntasks), 1, work);
+  });
   if (bias.has_value()) {
     const float* b = bias->data_ptr<float>();
     for (int64_t m = 0; m < shape.M; ++m)

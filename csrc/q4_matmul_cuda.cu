@@ -14,28 +14,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include "q4_dtype.h"
 #include "q4_matmul_checks.h"
 
 namespace q4lab {
 namespace {
 
 constexpr int kMatmulThreads = 256;
-
-struct MmF32 {
-  using T = float;
-  __device__ static float load(const T* p, int64_t i) { return p[i]; }
-  __device__ static T store(float v) { return v; }
-};
-struct MmF16 {
-  using T = uint16_t;
-  __device__ static float load(const T* p, int64_t i) { return q4_f16_to_f32(p[i]); }
-  __device__ static T store(float v) { return q4_f32_to_f16(v); }
-};
-struct MmBF16 {
-  using T = uint16_t;
-  __device__ static float load(const T* p, int64_t i) { return q4_bf16_to_f32(p[i]); }
-  __device__ static T store(float v) { return q4_f32_to_bf16(v); }
-};
 
 template <class D>
 __global__ void matmul_kernel(const typename D::T* x, const uint8_t* packed, Q4AbsmaxSource src,
@@ -54,7 +39,7 @@ __global__ void matmul_kernel(const typename D::T* x, const uint8_t* packed, Q4A
       if (e < e0) e += 32;
       float s = 0.0f;
       for (; e < seg_end; e += 32)
-        s = q4_mm_add(s, q4_mm_product(cb, q4_code_at(packed, e), D::load(xm, e - begin)));
+        s = q4_mm_add(s, q4_mm_product(cb, q4_code_at(packed, e), D::load(xm[e - begin])));
       acc = q4_mm_scale_add(acc, q4_block_absmax(src, dyn, b), s);
       e0 = seg_end;
     }
@@ -87,17 +72,17 @@ void matmul_4bit_out_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   const uint8_t* p = packed.data_ptr<uint8_t>();
   switch (x.scalar_type()) {
     case at::kFloat:
-      matmul_kernel<MmF32><<<grid, kMatmulThreads, 0, stream>>>(
+      matmul_kernel<Q4F32><<<grid, kMatmulThreads, 0, stream>>>(
           x.data_ptr<float>(), p, src, cb, dyn, shape.M, shape.N, shape.K, blocksize, b,
           out.data_ptr<float>());
       break;
     case at::kHalf:
-      matmul_kernel<MmF16><<<grid, kMatmulThreads, 0, stream>>>(
+      matmul_kernel<Q4F16><<<grid, kMatmulThreads, 0, stream>>>(
           reinterpret_cast<const uint16_t*>(x.data_ptr()), p, src, cb, dyn, shape.M, shape.N,
           shape.K, blocksize, b, reinterpret_cast<uint16_t*>(out.data_ptr()));
       break;
     default:
-      matmul_kernel<MmBF16><<<grid, kMatmulThreads, 0, stream>>>(
+      matmul_kernel<Q4BF16><<<grid, kMatmulThreads, 0, stream>>>(
           reinterpret_cast<const uint16_t*>(x.data_ptr()), p, src, cb, dyn, shape.M, shape.N,
           shape.K, blocksize, b, reinterpret_cast<uint16_t*>(out.data_ptr()));
   }
