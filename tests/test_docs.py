@@ -9,6 +9,10 @@ plus README.md and pyproject.toml, and fails, naming file and line, on
   §``, ``bnb-4bit-format.md``);
 - a ``docs/<name>.md`` path that does not exist;
 - a section ``docs/<name>.md §N`` whose number N is not a numbered heading of that file.
+
+And docs/architecture.md §1 is the map of the code: it must name every module under ``q4lab/``
+and every file under ``csrc/`` (the failure names each one missing and the line to add), and every
+``q4lab/`` or ``csrc/`` path it names must exist.
 """
 import re
 import subprocess
@@ -105,3 +109,59 @@ def test_the_check_finds_each_kind(tmp_path, line, problem):
 def test_good_citations_pass():
     ok = "see `docs/format.md` §6, ``docs/bitsandbytes.md`` §1-2 and docs/architecture.md"
     assert bad_citations(ROOT / "tests" / "x.py", ok) == []
+
+
+# ---- docs/architecture.md §1 is the map of every module -----------------------------------------
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+NAMED_PATH = re.compile(r"`((?:q4lab|csrc)/[\w./*-]*)`")
+
+
+def package_files() -> list[str]:
+    """Every module of the package (``q4lab/**/*.py``) and every file in ``csrc/``, tracked or
+    untracked (not ignored), as repository paths."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--",
+                          "q4lab", "csrc"], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = []
+    for rel in sorted(set(out.stdout.split())):
+        path = ROOT / rel
+        if not path.is_file() or path.is_symlink() or rel.startswith("q4lab/csrc/"):
+            continue
+        if rel.startswith("csrc/") or rel.endswith(".py"):
+            found.append(rel)
+    return found
+
+
+def map_section(text: str) -> str:
+    start = text.index("## 1.")
+    return text[start:text.index("\n## 2.", start)]
+
+
+def map_problems(text: str, files: list[str]) -> list[str]:
+    """What is wrong with the map in ``text`` (the architecture page) for the package ``files``:
+    a module or csrc file that §1 does not name, or a named q4lab/ or csrc/ path that is gone."""
+    named = set(NAMED_PATH.findall(map_section(text)))
+    problems = [f"docs/architecture.md §1 does not name {rel}: add a line "
+                f"\"- `{rel}`: <what it holds>\" under its group" for rel in files
+                if rel not in named]
+    for rel in sorted(set(NAMED_PATH.findall(text))):
+        if not (any(ROOT.glob(rel)) if "*" in rel else (ROOT / rel).exists()):
+            problems.append(f"docs/architecture.md names {rel}, which does not exist: "
+                            "remove or correct its line")
+    return problems
+
+
+def test_architecture_names_every_module_and_only_real_ones():
+    files = package_files()
+    assert "q4lab/nn.py" in files and "csrc/q4_element.h" in files, files  # the scan found them
+    problems = map_problems(ARCHITECTURE.read_text(), files)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_map_check_names_a_missing_and_a_stale_module():
+    files = package_files()
+    text = ARCHITECTURE.read_text().replace("`q4lab/metrics.py`", "`q4lab/metricz.py`", 1)
+    problems = map_problems(text, files + ["q4lab/distributed.py"])
+    assert any(p.startswith("docs/architecture.md §1 does not name q4lab/distributed.py: ")
+               for p in problems), problems
+    assert any("names q4lab/metricz.py, which does not exist" in p for p in problems), problems
+    assert len(problems) == 3, problems  # and metrics.py is now unnamed
