@@ -256,14 +256,17 @@ class QuantState:
     def __repr__(self) -> str:
         """One line, never raising (also for a state that ``validate`` would refuse), e.g.
         ``QuantState(nf4, shape=(72, 96), dtype=bfloat16, blocksize=64, 108 blocks,
-        absmax=uint8[108], offset=0.0123, state2=QuantState(dynamic, ...), torch cpu)``."""
+        absmax=uint8[108], nested, offset=0.0123, state2=QuantState(dynamic, ...), torch cpu)``."""
         if self.absmax is None or isinstance(self.absmax, np.ndarray):
             where = "numpy"
         else:
             where = f"torch {getattr(self.absmax, 'device', '')}".rstrip()
-        blocks = f"{self.nblocks} blocks" if self.blocksize > 0 else "no blocks"
+        count = self.nblocks if self.blocksize > 0 else 0
+        blocks = f"{count} block{'' if count == 1 else 's'}"
         parts = [str(self.quant_type), f"shape={tuple(self.shape)}", f"dtype={self.dtype}",
                  f"blocksize={self.blocksize}", blocks, f"absmax={_describe(self.absmax)}"]
+        if self.state2 is not None:
+            parts.append("nested")
         if self.offset is not None:
             try:
                 parts.append(f"offset={self.offset_value:.7g}")
