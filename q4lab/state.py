@@ -101,10 +101,10 @@ class QuantState:
     same shape, same bytes. Bytes, not values, because bytes are what a state decodes to: an absmax
     of -0.0 and one of +0.0 give zeros of different sign, so they differ; a NaN equals the same NaN
     bit pattern, so every state equals itself and its copies. Where the arrays live is not part of
-    the state: a NumPy-payload state equals its torch copy (``state.to()``, ``state.numpy()``) on any
-    device, and ``is_torch`` tells them apart. The offset is compared as the float32 scalar it is
-    (a float, 0-d or one-element array). States are mutable and hold arrays, so they are unhashable
-    (``__hash__ = None``). ``pickle`` and ``copy.deepcopy`` give an equal state.
+    the state: a NumPy-payload state equals its torch copy (``state.to()``, ``state.numpy()``) on
+    any device, and ``is_torch`` tells them apart. The offset is compared as the float32 scalar it
+    is (a float, 0-d or one-element array). States are mutable and hold arrays, so they are
+    unhashable (``__hash__ = None``). ``pickle`` and ``copy.deepcopy`` give an equal state.
     """
 
     shape: tuple

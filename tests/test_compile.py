@@ -11,8 +11,8 @@ Compilation is slow on two cores, so every configuration lives in one module: ea
 three times (matmul_path "fused", "dequantize", "auto"), each called on 1, 8 and 16 rows, so one
 graph without autograd and one with it cover all parametrizations. Compiled with the real inductor,
 ``fullgraph=True`` (a graph break would run pieces eagerly and hide a difference) and a failing
-recompile limit (an eager fallback after too many recompiles would pass vacuously). Source: bitsandbytes
-``tests/test_linear4bit.py::test_linear4bit_torch_compile`` (compiled vs eager ``Linear4bit``).
+recompile limit (an eager fallback after too many recompiles would pass vacuously). Source:
+bitsandbytes ``tests/test_linear4bit.py::test_linear4bit_torch_compile`` (compiled vs eager).
 """
 import pytest
 import torch

@@ -219,7 +219,8 @@ def test_repr_is_readable_and_never_raises():
     assert "state2=QuantState(dynamic, shape=(108,), dtype=float32, blocksize=256" in text
     assert "absmax=float32[1]" in text
     plain = repr(numpy_state("fp4", False))
-    assert "absmax=float32[108]" in plain and "nested" not in plain and "state2" not in plain and plain.endswith(", numpy)")
+    assert "absmax=float32[108]" in plain and "nested" not in plain
+    assert "state2" not in plain and plain.endswith(", numpy)")
     broken = QuantState(shape=(3,), dtype="float32", blocksize=64, quant_type="nf4", code=None,
                         absmax=None, offset=np.zeros(3, np.float32))
     assert "absmax=None" in repr(broken) and "offset=float32[3]" in repr(broken)
