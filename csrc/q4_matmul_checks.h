@@ -49,7 +49,12 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
   TORCH_CHECK(absmax.numel() == nblocks, "q4lab: absmax has ", absmax.numel(), " values but a (",
               out_features, ", ", K, ") weight at blocksize ", blocksize, " has ", nblocks, " blocks");
   if (bias.has_value()) {
-    check_1d(*bias, "bias", at::kFloat);
+    // Any of the three float dtypes: the op widens it to float32 itself (exact), so a bias rounded
+    // to the compute dtype by the caller reaches the kernel as that rounded value (torch.compile
+    // cannot fold a caller's float32 -> bf16 -> float32 cast pair away, docs/format.md §15).
+    TORCH_CHECK(bias->dim() == 1 && bias->is_contiguous() && is_q4_float(bias->scalar_type()),
+                "q4lab: bias must be a contiguous 1-D float32, float16 or bfloat16 tensor, got ",
+                bias->scalar_type(), " of shape ", bias->sizes());
     check_same_device(x, *bias, "bias");
     TORCH_CHECK(bias->numel() == out_features, "q4lab: bias has ", bias->numel(),
                 " values but out_features=", out_features);

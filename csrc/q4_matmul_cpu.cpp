@@ -271,7 +271,8 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
                    std::min(shape.N, (t + 1) * rows_per_task), ys);
   });
   if (bias.has_value()) {
-    const float* b = bias->data_ptr<float>();
+    const at::Tensor bias_f32 = bias->to(at::kFloat);  // fp16/bf16 -> float32 is exact
+    const float* b = bias_f32.data_ptr<float>();
     for (int64_t m = 0; m < shape.M; ++m)
       for (int64_t o = 0; o < shape.N; ++o) ys[m * shape.N + o] = q4_mm_add(ys[m * shape.N + o], b[o]);
   }

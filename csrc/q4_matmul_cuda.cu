@@ -64,7 +64,9 @@ void matmul_4bit_out_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   const Q4AbsmaxSource src = absmax_source(absmax, absmax2, offset);
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
   const Q4Dynamic& dyn = q4_dynamic();
-  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  // fp16/bf16 -> float32 is exact; bias_f32 lives until the launch below is queued.
+  const at::Tensor bias_f32 = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+  const float* b = bias.has_value() ? bias_f32.data_ptr<float>() : nullptr;
   const int64_t warps = shape.M * shape.N;
   const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(ceil_div(warps * 32, kMatmulThreads),
                                                               1 << 20));

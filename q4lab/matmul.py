@@ -71,8 +71,10 @@ def kernel_args(packed, state) -> tuple:
 
 def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None) -> torch.Tensor:
     register_fake()
+    # The bias goes to the op in its own dtype (the op widens it to float32, exactly): widening it
+    # here would let torch.compile fold a caller's float32 -> bf16 -> float32 rounding away.
     return torch.ops.q4lab.matmul_4bit(x2d, *(args or kernel_args(packed, state)),
-                                       None if bias is None else bias.float().contiguous(), isa)
+                                       None if bias is None else bias.contiguous(), isa)
 
 
 def _reference(x2d: torch.Tensor, packed, state, bias) -> torch.Tensor:

@@ -120,6 +120,8 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
+        # The bias is rounded to the compute dtype here, once, and handed on in that dtype on both
+        # paths (the fused op widens it itself): torch.compile keeps the rounding (format.md §15).
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x = x.to(self.compute_dtype)
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize

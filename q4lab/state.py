@@ -53,7 +53,37 @@ def _numel(a) -> int:
     return int(a.size if isinstance(a, np.ndarray) else a.numel())
 
 
-@dataclass
+def _payload(a, scalar: bool = False):
+    """(dtype name, shape, bytes) of a NumPy array or torch tensor, on the host, C order: what
+    :meth:`QuantState.__eq__` compares. ``scalar``: the offset, a float32 scalar stored as a float,
+    a 0-d or a one-element array (its shape is not part of its value)."""
+    if a is None:
+        return None
+    if isinstance(a, (float, np.floating)):
+        a = np.asarray(a, dtype=np.float32)  # as QuantState.to() / numpy() store it
+    if isinstance(a, np.ndarray):
+        kind, shape = a.dtype.name, a.shape
+        data = np.ascontiguousarray(a).tobytes()
+    else:  # a torch tensor (any device; torch is already imported if one exists)
+        import torch
+
+        kind, shape = str(a.dtype).replace("torch.", ""), tuple(a.shape)
+        flat = a.detach().reshape(-1).cpu().contiguous()
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return (kind, () if scalar and math.prod(shape) == 1 else tuple(shape), data)
+
+
+def _describe(a) -> str:
+    """``float32[108]`` for an array, ``None`` for none: the repr's summary of one payload."""
+    if a is None:
+        return "None"
+    if isinstance(a, (float, np.floating)):
+        return f"float {float(a):.7g}"
+    kind = str(a.dtype).replace("torch.", "")
+    return f"{kind}[{', '.join(str(int(d)) for d in a.shape)}]"
+
+
+@dataclass(eq=False)
 class QuantState:
     """How to turn packed nibbles back into a tensor.
 
@@ -65,6 +95,16 @@ class QuantState:
     offset            float32 scalar subtracted before double quantization (None if not nested)
     state2            nested state: absmax = float32 per 256 blocks, code = dynamic map,
                       blocksize = 256, quant_type = 'dynamic'
+
+    Equality (``==``, as bitsandbytes' ``QuantState.__eq__``): shape, dtype, blocksize, quant_type,
+    code, absmax, offset and the nested state all equal, the arrays compared exactly: same dtype,
+    same shape, same bytes. Bytes, not values, because bytes are what a state decodes to: an absmax
+    of -0.0 and one of +0.0 give zeros of different sign, so they differ; a NaN equals the same NaN
+    bit pattern, so every state equals itself and its copies. Where the arrays live is not part of
+    the state: a NumPy-payload state equals its torch copy (``state.to()``, ``state.numpy()``) on
+    any device, and ``is_torch`` tells them apart. The offset is compared as the float32 scalar it
+    is (a float, 0-d or one-element array). States are mutable and hold arrays, so they are
+    unhashable (``__hash__ = None``). ``pickle`` and ``copy.deepcopy`` give an equal state.
     """
 
     shape: tuple
@@ -82,6 +122,20 @@ class QuantState:
         if self.dtype is not None:
             name = str(self.dtype).replace("torch.", "")
             self.dtype = DtypeName(name)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        if self is other:
+            return True
+        return (self.shape == other.shape and str(self.dtype) == str(other.dtype)
+                and self.blocksize == other.blocksize and self.quant_type == other.quant_type
+                and _payload(self.code) == _payload(other.code)
+                and _payload(self.absmax) == _payload(other.absmax)
+                and _payload(self.offset, scalar=True) == _payload(other.offset, scalar=True)
+                and self.state2 == other.state2)  # None == None, or a QuantState's own __eq__
+
+    __hash__ = None  # mutable and equal by content: not usable as a dict key or in a set
 
     @property
     def nested(self) -> bool:
@@ -201,10 +255,27 @@ class QuantState:
 
     # ---- display -----------------------------------------------------------------------
     def __repr__(self) -> str:
-        kind = "torch" if self.is_torch else "numpy"
-        dq = f", nested (offset={self.offset_value:.6g})" if self.nested else ""
-        return (f"QuantState({self.quant_type}, shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"blocksize={self.blocksize}, {self.nblocks} blocks{dq}, {kind})")
+        """One line, never raising (also for a state that ``validate`` would refuse), e.g.
+        ``QuantState(nf4, shape=(72, 96), dtype=bfloat16, blocksize=64, 108 blocks,
+        absmax=uint8[108], nested, offset=0.0123, state2=QuantState(dynamic, ...), torch cpu)``."""
+        if self.absmax is None or isinstance(self.absmax, np.ndarray):
+            where = "numpy"
+        else:
+            where = f"torch {getattr(self.absmax, 'device', '')}".rstrip()
+        count = self.nblocks if self.blocksize > 0 else 0
+        blocks = f"{count} block{'' if count == 1 else 's'}"
+        parts = [str(self.quant_type), f"shape={tuple(self.shape)}", f"dtype={self.dtype}",
+                 f"blocksize={self.blocksize}", blocks, f"absmax={_describe(self.absmax)}"]
+        if self.state2 is not None:
+            parts.append("nested")
+        if self.offset is not None:
+            try:
+                parts.append(f"offset={self.offset_value:.7g}")
+            except (TypeError, ValueError, RuntimeError):  # not a scalar: show what it is
+                parts.append(f"offset={_describe(self.offset)}")
+        if self.state2 is not None:
+            parts.append(f"state2={self.state2!r}")
+        return f"QuantState({', '.join(parts)}, {where})"
 
     def _repr_html_(self) -> str:
         total = storage_bytes(self)
