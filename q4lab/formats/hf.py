@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -138,10 +136,11 @@ def _unwrapped_state_dict(model: nn.Module) -> dict:
     """``to_bnb_state_dict(model)`` with every LoRA wrapper replaced by its 4-bit base (the
     adapters are saved separately: ``q4lab.save_adapters``)."""
     from .bnb import to_bnb_state_dict
-    from ..lora import lora_layers
+    from ..quantize import is_adapter_wrapper, linear_layers
 
     state = to_bnb_state_dict(model)
-    wrappers = [n for n in lora_layers(model) if n]
+    wrappers = [n for n, m in linear_layers(model, every_name=False).items()
+                if is_adapter_wrapper(m)]
     if not wrappers:
         return state
     out = {}
@@ -158,22 +157,19 @@ def _unwrapped_state_dict(model: nn.Module) -> dict:
     return out
 
 
-def _layers(model: nn.Module) -> tuple[dict, list]:
+def layers_by_kind(model: nn.Module) -> tuple[dict, list]:
     """({name: Linear4bit} with LoRA bases under their wrapper's name, [names of the
-    full-precision nn.Linear layers])."""
-    from ..lora import LoRALinear4bit
+    full-precision nn.Linear layers]), from ``q4lab.quantize.linear_layers``."""
     from ..nn import Linear4bit
+    from ..quantize import is_adapter_wrapper, linear_layers
 
-    quant, dense, inside = {}, [], []
-    for name, m in model.named_modules(remove_duplicate=False):
-        if any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(m, LoRALinear4bit):
+    quant, dense = {}, []
+    for name, m in linear_layers(model).items():
+        if is_adapter_wrapper(m):
             quant[name] = m.base
-            inside.append(name + ".")
         elif isinstance(m, Linear4bit):
             quant[name] = m
-        elif isinstance(m, nn.Linear) and name:
+        else:
             dense.append(name)
     return quant, dense
 
@@ -215,9 +211,12 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
     ``generation_config.json`` and the tokenizer's files when given. LoRA adapters are not part of
     it (their 4-bit bases are): save them with ``q4lab.save_adapters(model, directory)``.
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it with bitsandbytes
-    installed, ``q4lab.from_pretrained(directory)`` without. Written to a temporary directory and
-    moved into place at the end. Returns the directory."""
-    from .shards import ShardWriter, commit_directory, parse_size
+    installed, ``q4lab.from_pretrained(directory)`` without. Written transactionally
+    (``q4lab.formats.atomic.write_directory``, docs/data-safety.md): into an existing directory
+    the old model's files (weights, shards, index, configs) are replaced, the user's other files
+    kept, and on any failure the directory is left as it was. Returns the directory."""
+    from .atomic import write_directory
+    from .shards import ShardWriter, parse_size
 
     config = getattr(model, "config", None)
     if not (isinstance(model, nn.Module) and hasattr(config, "to_dict")
@@ -225,7 +224,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
         raise TypeError(f"save_pretrained writes a transformers directory and needs a transformers "
                         f"model (with .config), got {type(model).__name__}; for any nn.Module "
                         f"use q4lab.save(model, path)")
-    quant, dense = _layers(model)
+    quant, dense = layers_by_kind(model)
     if not quant:
         raise ValueError("save_pretrained: the model has no 4-bit layers; quantize it first "
                          "(q4lab.quantize_model)")
@@ -236,10 +235,13 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
         config.tie_word_embeddings = False  # a 4-bit output layer is no longer the embedding
     config.quantization_config = qc
     config.architectures = [type(model).__name__]  # as transformers' save_pretrained sets it
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer (with save_pretrained), got "
+                        f"{type(tokenizer).__name__}; pass tokenizer=None to save without one")
+    max_bytes = parse_size(max_shard_size)
     directory = Path(directory)
-    tmp = _tmp_dir(directory)
-    try:
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
+    with write_directory(directory, overwrite=True) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
         from tqdm.auto import tqdm
 
         with tqdm(total=sum(t.numel() * t.element_size() for t in state.values()), unit="B",
@@ -254,16 +256,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        commit_directory(tmp, directory, replace="merge")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _tmp_dir(directory: Path) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
 
 
 def _groups(state: dict, quant: dict):
