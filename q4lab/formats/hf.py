@@ -65,6 +65,7 @@ def check_quantization_config(qc, where) -> dict:
                          f"q4lab.quantize_model, or stream it with q4lab.quantize_checkpoint")
     if not isinstance(qc, dict):
         raise ValueError(f"{where}: quantization_config must be a JSON object, got {qc!r}")
+    _check_field_types(qc, where)
     method = qc.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ValueError(f"{where}: quant_method {method!r} is not supported; q4lab opens "
@@ -81,6 +82,33 @@ def check_quantization_config(qc, where) -> dict:
         raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported (q4lab "
                          f"reads 4-bit codes packed in uint8, bitsandbytes' default)")
     return qc
+
+
+_FIELD_TYPES = {"quant_method": (str,), "load_in_4bit": (bool,), "_load_in_4bit": (bool,),
+                "load_in_8bit": (bool,), "_load_in_8bit": (bool,),
+                "bnb_4bit_use_double_quant": (bool,), "bnb_4bit_quant_type": (str,),
+                "bnb_4bit_compute_dtype": (str,), "bnb_4bit_quant_storage": (str,),
+                "llm_int8_skip_modules": (list,)}
+
+
+def _check_field_types(qc: dict, where) -> None:
+    """Each field transformers' ``BitsAndBytesConfig`` defines has its JSON type (a string,
+    ``true``/``false``, a list of names) or is null; else ValueError naming it, instead of an
+    AttributeError or TypeError later."""
+    for key, types in _FIELD_TYPES.items():
+        value = qc.get(key)
+        if value is not None and not isinstance(value, types):
+            kind = {bool: "true or false", str: "a string", list: "a list of module names"}
+            raise ValueError(f"{where}: quantization_config.{key} = {value!r} must be "
+                             f"{kind[types[0]]} (as transformers' BitsAndBytesConfig writes it); "
+                             f"fix config.json")
+    if qc.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        raise ValueError(f"{where}: bnb_4bit_quant_type {qc['bnb_4bit_quant_type']!r} is not "
+                         f"'nf4' or 'fp4', the 4-bit types bitsandbytes stores")
+    skip = qc.get("llm_int8_skip_modules") or []
+    if not all(isinstance(n, str) for n in skip):
+        raise ValueError(f"{where}: quantization_config.llm_int8_skip_modules must list module "
+                         f"names (strings), got {skip!r}")
 
 
 # ---- building transformers models without loading weights ----------------------------------------
@@ -298,7 +326,10 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
     from ..nn import Linear4bit
     from ..ops import DTYPE_OF_NAME
 
+    from .atomic import recover
+
     directory = Path(directory)
+    recover(directory)  # a swap a killed writer left half done is rolled back first
     raw = _read_config(directory)
     qc = check_quantization_config(raw.get("quantization_config"), directory)
     if compute_dtype is None:
@@ -310,7 +341,12 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
                              f"bfloat16")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(directory))
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # transformers raises many kinds for a config it cannot build
+        raise ValueError(f"{directory / 'config.json'}: transformers cannot build a config from "
+                         f"it ({' '.join(str(exc).split())[:300]}); fix or replace the file") \
+            from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     entries, _ = inventory(directory)
