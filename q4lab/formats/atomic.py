@@ -144,6 +144,25 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path) -> None:
+    """Give a file the mode a plain ``open`` gives (0o666 minus the umask: 0644 under 022).
+    safetensors' ``save_file`` creates 0600 files; transformers users expect 0644."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 # ---- checks -------------------------------------------------------------------------------------
 def check_separate(source, destination) -> None:
     """ValueError if ``destination`` is ``source``, inside it, or contains it (after resolving
@@ -267,6 +286,7 @@ def replace_file(path):
             yield tmp
             if not tmp.is_file():
                 raise RuntimeError(f"internal error: nothing was written to {tmp}")
+            follow_umask(tmp)
             fsync_path(tmp)
             os.replace(tmp, path)
             fsync_path(parent)

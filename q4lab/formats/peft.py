@@ -23,7 +23,7 @@ from torch import nn
 
 from ..lora import LoRALinear4bit, add_lora, check_lora_config, lora_layers
 from ..quantize import set_submodule
-from .atomic import ADAPTER_FILES, replace_file, write_directory
+from .atomic import ADAPTER_FILES, follow_umask, replace_file, write_directory
 from .hf import layers_by_kind
 
 ADAPTER_FORMAT = "q4lab.lora/1"
@@ -67,6 +67,7 @@ def save_peft_adapters(model: nn.Module, directory) -> dict:
             tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = w
     with write_directory(directory, overwrite=True, owned=ADAPTER_FILES) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        follow_umask(tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
