@@ -98,7 +98,7 @@ class Inject:
         return call
 
 
-# ---- W1, W8, W9: failures at every rename leave the old content ------------------------------------
+# ---- W1, W8, W9: failures at every rename leave the old content ---------------------------------
 def test_save_pretrained_failing_at_every_rename_keeps_the_old_model(models, old_model_dir,
                                                                      monkeypatch):
     before = snapshot(old_model_dir)
@@ -256,7 +256,7 @@ def test_modes_follow_the_umask_and_shard_size_must_be_positive(source, models, 
     assert not (tmp_path / "f").exists()
 
 
-# ---- W3 -------------------------------------------------------------------------------------------
+# ---- W3 ------------------------------------------------------------------------------------------
 def test_failed_load_adapters_leaves_the_model_as_it_was(models, tmp_path):
     donor = q4lab.add_lora(_copy(models[0]), r=4, target_modules=("q_proj", "v_proj"))
     q4lab.save_adapters(donor, tmp_path / "adapters")
@@ -541,3 +541,88 @@ def test_reference_raises_on_non_finite_statistics_instead_of_warning():
                 ref.dequantize_4bit(packed, state)
             with pytest.raises(ValueError, match="must be finite"):
                 ref.matmul_4bit(np.ones((1, 64), np.float32), packed, state)
+
+
+# ---- unclear errors made clear (issue 19, "Unclear errors") -------------------------------------
+def test_cli_errors_are_one_line_without_traceback(source, tmp_path, capsys, monkeypatch):
+    from q4lab.__main__ import main
+
+    def run(*args):
+        code = main(["quantize", *map(str, args), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.txt").write_text("x")
+    err = run(source, out)
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+    bad = shutil.copytree(source, tmp_path / "bad")
+    (bad / "config.json").write_text("{not json")
+    assert "config.json is not a transformers config" in run(bad, tmp_path / "o1")
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": 5,
+                                                 "hidden_size": 64}))
+    assert "config.json" in run(bad, tmp_path / "o2")
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    err = run(source, tmp_path / "ro" / "o3")
+    assert "Permission denied" in err and "permissions" in err
+    monkeypatch.setattr(os, "mkdir", real_mkdir)
+    assert "must differ" not in run(source, source) and "is the source" in run(source, source)
+    assert "at least 1 byte" in run(source, tmp_path / "o4", "--max-shard-size", "0MB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("load_in_4bit", "yes", "load_in_4bit = 'yes' must be true or false"),
+    ("bnb_4bit_quant_type", 4, "bnb_4bit_quant_type = 4 must be a string"),
+    ("bnb_4bit_quant_type", "int4", "'int4' is not 'nf4' or 'fp4'"),
+    ("llm_int8_skip_modules", "lm_head", "must be a list of module names"),
+    ("llm_int8_skip_modules", [1], "must list module names"),
+    ("bnb_4bit_compute_dtype", 16, "must be a string")])
+def test_malformed_quantization_config_types_are_value_errors(source, tmp_path, key, value,
+                                                              message):
+    out = tmp_path / "q"
+    q4lab.quantize_checkpoint(source, out, CFG, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"][key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        q4lab.from_pretrained(out, progress=False)
+    config["quantization_config"] = ["not", "an", "object"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        q4lab.from_pretrained(out, progress=False)
+
+
+def test_adapter_numbers_that_are_not_numbers(models, tmp_path):
+    lora = q4lab.add_lora(_copy(models[0]), r=2)
+    q4lab.save_adapters(lora, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    for key, value in (("lora_alpha", "sixteen"), ("r", "8x"), ("lora_dropout", "high"),
+                       ("lora_alpha", -1), ("r", 0)):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=f"adapter_config.json: .*{key}"):
+            q4lab.load_adapters(_copy(models[0]), tmp_path / "a")
+
+
+def test_matmul_and_save_argument_errors(models, tmp_path):
+    layer = q4lab.Linear4bit.from_linear(torch.nn.Linear(64, 16))
+    with pytest.raises(TypeError, match="state must be the q4lab.QuantState"):
+        q4lab.matmul_4bit(torch.randn(2, 64), layer.packed, None)
+    meta = torch.empty(2, 64, device="meta")
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        q4lab.matmul_4bit(meta, layer.packed, layer.quant_state)
+    with pytest.raises(ValueError, match="x and packed are on the meta device"):
+        q4lab.matmul_4bit(meta, layer.packed.to("meta"), layer.quant_state.to("meta"))
+    with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
+        q4lab.save_pretrained(models[0], tmp_path / "t", tokenizer=object())
+    lora = q4lab.add_lora(_copy(models[0]), r=2)
+    with pytest.raises(FileNotFoundError, match="missing does not exist; create it first"):
+        q4lab.save_adapters(lora, tmp_path / "missing" / "a.safetensors")
+    assert sorted(tmp_path.iterdir()) == []

@@ -4,13 +4,13 @@ model, one tensor at a time, into the directory ``q4lab.save_pretrained`` writes
 What is quantized is decided by the function ``q4lab.quantize_model`` uses on the loaded model
 (``q4lab.quantize.quantize_targets``, the walk of transformers' ``replace_with_bnb_linear``: every
 ``nn.Linear`` not matched by ``Q4Config.skip_modules``, not a LoRA layer, with at least
-``min_numel`` weights), on a transformers model built from ``config.json`` on the meta device. Each of those weights is read
-(``checkpoint.read_tensor``), quantized by ``q4lab.quantize_4bit`` with the config's settings and
-written in bitsandbytes' keys (``q4lab.to_bnb_state_dict``); every other tensor (embeddings, norms,
-skipped layers, biases) is copied byte for byte without being loaded. So the output is
-byte-identical to ``quantize_model`` + ``save_pretrained`` on the model loaded in the checkpoint's
-own dtype. Peak memory: one source tensor and its 4-bit result (plus 16 MiB copy buffers); the
-output goes to disk shard by shard (``checkpoint.ShardWriter``).
+``min_numel`` weights), on a transformers model built from ``config.json`` on the meta device.
+Each of those weights is read (``shards.read_tensor``), quantized by ``q4lab.quantize_4bit`` with
+the config's settings and written in bitsandbytes' keys (``q4lab.to_bnb_state_dict``); every other
+tensor (embeddings, norms, skipped layers, biases) is copied byte for byte without being loaded. So
+the output is byte-identical to ``quantize_model`` + ``save_pretrained`` on the model loaded in the
+checkpoint's own dtype. Peak memory: one source tensor and its 4-bit result (plus 16 MiB copy
+buffers); the output goes to disk shard by shard (``shards.ShardWriter``).
 
 Everything that can be checked before writing is checked first (every shard present and whole,
 index and shards agreeing, every weight to quantize present, floating point and of the layer's
