@@ -71,6 +71,10 @@ def main(argv=None) -> int:
         out = quantize_checkpoint(args.source, args.destination, cfg,
                                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                   progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"python -m q4lab {args.command}: interrupted; {args.destination} was left as it "
+              f"was", file=sys.stderr)
+        return 130
     except Exception as exc:  # every error is one line naming the problem, never a traceback
         return _error(args.command, exc)
     print(f"wrote {out}")

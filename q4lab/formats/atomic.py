@@ -220,8 +220,8 @@ def recover(directory) -> list[str]:
     directory = Path(directory)
     try:
         names = [n for n in os.listdir(directory) if _TEMP.match(n)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []  # nothing there, or nothing q4lab could have written there
     removed = []
     for name in names:
         if _owner_alive(name):
