@@ -82,17 +82,18 @@ def old_model_dir(models, tmp_path):
 
 class Inject:
     """Wraps ``os.rename`` and ``os.replace`` (one count for both): the ``fail_at``-th call raises
-    ``OSError(err)``, every other call is the real one."""
+    ``OSError(err)`` (or each of a set of calls), every other call is the real one."""
 
-    def __init__(self, monkeypatch, fail_at=0, err=errno.EXDEV):
-        self.calls, self.fail_at, self.err = 0, fail_at, err
+    def __init__(self, monkeypatch, fail_at=(), err=errno.EXDEV):
+        self.calls, self.err = 0, err
+        self.fail_at = {fail_at} if isinstance(fail_at, int) else set(fail_at)
         for name in ("rename", "replace"):
             monkeypatch.setattr(os, name, self._wrap(getattr(os, name)))
 
     def _wrap(self, real):
         def call(src, dst, *args, **kwargs):
             self.calls += 1
-            if self.calls == self.fail_at:
+            if self.calls in self.fail_at:
                 raise OSError(self.err, os.strerror(self.err), str(src))
             return real(src, dst, *args, **kwargs)
         return call
@@ -125,6 +126,28 @@ def test_save_pretrained_failing_at_every_rename_keeps_the_old_model(models, old
         "config.json", "generation_config.json", "model.safetensors", "notes.txt"]
     assert json.loads((old_model_dir / "config.json").read_text())["quantization_config"][
         "bnb_4bit_quant_type"] == "nf4"
+
+
+def test_a_roll_back_that_fails_midway_is_finished_by_the_next_run(models, old_model_dir,
+                                                                  monkeypatch):
+    """A rename fails inside the swap, then a rename of the roll-back fails too: the journalled
+    temporary stays, and the next q4lab run (recover) restores the old model exactly."""
+    before = snapshot(old_model_dir)
+    with monkeypatch.context() as m:
+        counter = Inject(m)
+        q4lab.save_pretrained(models[0], old_model_dir.parent / "probe", max_shard_size="20KB",
+                              progress=False)
+    journal = counter.calls  # the shard renames, then (here: the stage's) one more
+    old_files = len([n for n in before if n != "notes.txt"])
+    for k in (journal + 3, journal + old_files + 3):  # moving the old files out; the new in
+        with monkeypatch.context() as m:
+            Inject(m, fail_at={k, k + 2}, err=errno.EIO)
+            with pytest.raises(OSError):
+                q4lab.save_pretrained(models[0], old_model_dir, max_shard_size="20KB",
+                                      progress=False)
+        assert temporaries(old_model_dir), k
+        atomic.recover(old_model_dir)
+        assert snapshot(old_model_dir) == before and temporaries(old_model_dir.parent) == []
 
 
 def test_destination_on_another_filesystem_is_written_in_place(models, old_model_dir,

@@ -243,26 +243,33 @@ def recover(directory) -> list[str]:
 
 
 def _roll_back(destination: Path, stage: Path) -> None:
-    """Undo the swap recorded in ``stage``'s journal: new files that were moved into
-    ``destination`` are removed, the old ones moved back; if the swap had committed, only the
-    old files are deleted. Then ``stage`` is removed."""
-    if (stage / _COMMITTED).exists():
-        shutil.rmtree(stage)
+    """Undo the swap recorded in ``stage``'s journal: the new files that were moved into
+    ``destination`` go back into the stage, the old ones back into ``destination``; if the swap
+    had committed, the old files are deleted instead. Idempotent, so a crash during a roll-back
+    is rolled back again by the next :func:`recover`. Then ``stage`` is removed."""
+    if not (stage / _COMMITTED).exists():
+        try:
+            journal = json.loads((stage / _JOURNAL).read_text())
+        except (OSError, ValueError):
+            journal = {"new": []}  # written by rename: absent means nothing moved yet
+        for name in journal.get("new", []):
+            if not os.path.lexists(stage / _NEW / name) and os.path.lexists(destination / name):
+                os.rename(destination / name, stage / _NEW / name)  # moved in: take it back
+        old = stage / _OLD
+        if old.is_dir():
+            for name in os.listdir(old):
+                os.rename(old / name, destination / name)
         fsync_path(destination)
-        return
-    try:
-        journal = json.loads((stage / _JOURNAL).read_text())
-    except (OSError, ValueError):
-        journal = {"new": []}  # written by rename: absent means nothing moved yet
-    for name in journal.get("new", []):
-        if not os.path.lexists(stage / _NEW / name):  # moved in: the new version, drop it
-            _remove(destination / name)
-    old = stage / _OLD
-    if old.is_dir():
-        for name in os.listdir(old):
-            os.rename(old / name, destination / name)
-    fsync_path(destination)
-    shutil.rmtree(stage)
+    _discard(stage)
+
+
+def _discard(stage: Path) -> None:
+    """Delete a finished (committed or rolled back) stage: its journal first, so that a crash
+    while deleting leaves a plain stale temporary, never a half-deleted journalled one."""
+    if os.path.lexists(stage / _JOURNAL):
+        os.unlink(stage / _JOURNAL)
+        fsync_path(stage)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 # ---- single files -------------------------------------------------------------------------------
@@ -415,5 +422,7 @@ def _swap(destination: Path, stage: Path, owned) -> None:
     with open(stage / _COMMITTED, "w") as f:
         os.fsync(f.fileno())
     fsync_path(stage)
-    # the old model's files, only now; what cannot be deleted stays for the next recover()
-    shutil.rmtree(stage, ignore_errors=True)
+    try:  # the old model's files, only now; what cannot be deleted stays for the next recover()
+        _discard(stage)
+    except OSError:
+        pass
