@@ -145,8 +145,6 @@ def _lora_numbers(r, alpha, dropout, path, keys) -> tuple[int, float, float]:
         raise ValueError(f"{path}: {exc} (keys {', '.join(keys)})") from exc
 
 
-
-
 def _common(layers: dict[str, LoRALinear4bit], attr: str):
     values = {getattr(m, attr) for m in layers.values()}
     if len(values) != 1:
