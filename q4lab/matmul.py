@@ -40,12 +40,6 @@ def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
                         f"(quantize_4bit returns (packed, state); a Linear4bit holds "
                         f"layer.quant_state), got {type(state).__name__}")
     ops.check_state(packed, state)
-    meta = [name for name, t in (("x", x), ("packed", packed)) if t.is_meta]
-    if meta:
-        raise ValueError(f"{' and '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta "
-                         f"device, which holds no data (a model built "
-                         f"with init_empty_weights / device='meta'); load the weights first "
-                         f"(q4lab.from_pretrained, or layer.to_empty + load_state_dict)")
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D weight (out_features, in_features); the state "
                          f"has shape {tuple(state.shape)}")
@@ -56,6 +50,10 @@ def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but the weight is on {packed.device}; move one of "
                          f"them (layer.to(device) or x.to(device))")
+    if x.is_meta:
+        raise ValueError("x and the weight are on the meta device, which holds no data (a model "
+                         "built with init_empty_weights / device='meta'); load the weights first "
+                         "(q4lab.from_pretrained, or layer.to_empty + load_state_dict)")
     if not x.is_contiguous():
         raise ValueError(f"x (shape {tuple(x.shape)}, strides {x.stride()}) is not contiguous; "
                          f"pass x.contiguous()")

@@ -639,9 +639,7 @@ def test_matmul_and_save_argument_errors(models, tmp_path):
     with pytest.raises(TypeError, match="state must be the q4lab.QuantState"):
         q4lab.matmul_4bit(torch.randn(2, 64), layer.packed, None)
     meta = torch.empty(2, 64, device="meta")
-    with pytest.raises(ValueError, match="x is on the meta device"):
-        q4lab.matmul_4bit(meta, layer.packed, layer.quant_state)
-    with pytest.raises(ValueError, match="x and packed are on the meta device"):
+    with pytest.raises(ValueError, match="x and the weight are on the meta device"):
         q4lab.matmul_4bit(meta, layer.packed.to("meta"), layer.quant_state.to("meta"))
     with pytest.raises(TypeError, match="tokenizer must be a transformers tokenizer"):
         q4lab.save_pretrained(models[0], tmp_path / "t", tokenizer=object())
