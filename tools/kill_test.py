@@ -4,8 +4,8 @@ tests/test_data_safety.py).
 
 Each round: the destination holds an old model (FP4, in shards) plus a file of the user's; the CLI
 quantizes the source into it with ``--overwrite`` and is killed after a random delay in
-[0, one run's duration]. Checked: after SIGTERM no temporary is left at all; after either signal
-the destination, as q4lab sees it (``q4lab.formats.atomic.recover``, which every q4lab write and
+[0, the last uninterrupted run's duration]. Checked: after SIGTERM no temporary is left at all;
+after either signal the destination, as q4lab sees it (``q4lab.formats.atomic.recover``, which every q4lab write and
 ``from_pretrained`` run first), holds exactly the old or exactly the new model's files (sha256 of
 every file) and the user's file; a second run then writes the new model and leaves no temporary.
 Prints one line per round and a summary; writes bench/results/kill_test.json (machine facts from
@@ -102,7 +102,8 @@ def main() -> None:
         sig = (signal.SIGTERM, signal.SIGKILL)[i % 2]
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(keep, dst)
-        proc = subprocess.Popen(cli(source, dst), env=env, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cli(source, dst), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         delay = rng.uniform(0, duration)
         time.sleep(delay)
         proc.send_signal(sig)
@@ -114,13 +115,16 @@ def main() -> None:
         state = digests(dst)
         verdict = "old" if state == old_files else "new" if state == new_files else "MIX"
         user_file = (dst / "notes.txt").read_text() == "the user's own file"
+        t = time.perf_counter()
         rerun = subprocess.run(cli(source, dst), env=env, capture_output=True, text=True)
+        duration = time.perf_counter() - t  # the next delay spans a run at today's load
         after = "new" if rerun.returncode == 0 and digests(dst) == new_files else "WRONG"
         ok = (verdict != "MIX" and user_file and after == "new" and not temporaries(work)
               and not (sig == signal.SIGTERM and left_by_kill))
         rounds.append({"signal": sig.name, "delay_s": round(delay, 2), "exit": code,
                        "temporaries_after_kill": len(left_by_kill), "state": verdict,
                        "recover_s": round(recover_s, 3), "user_file_kept": user_file,
+                       "rerun_s": round(duration, 1),
                        "after_rerun": after, "ok": ok})
         print(f"round {i}: {sig.name} after {delay:5.1f} s -> exit {code}, "
               f"{len(left_by_kill)} temporaries, destination {verdict}, second run {after}"
