@@ -19,7 +19,7 @@ _LAZY = {
     "save": "formats.safetensors_file", "load": "formats.safetensors_file",
     "report": "report", "Report": "report",
     "add_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora", "LoRALinear4bit": "lora",
-    "save_adapters": "lora", "load_adapters": "lora", "training_memory": "lora",
+    "save_adapters": "formats.peft", "load_adapters": "formats.peft", "training_memory": "lora",
     "to_bnb_state_dict": "formats.bnb", "from_bnb_state_dict": "formats.bnb",
     "save_pretrained": "formats.hf", "from_pretrained": "formats.hf",
     "quantize_checkpoint": "formats.stream",

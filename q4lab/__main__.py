@@ -2,7 +2,8 @@
 
 Streams a (sharded) safetensors transformers checkpoint into a transformers + bitsandbytes 4-bit
 directory with ``q4lab.quantize_checkpoint`` (q4lab/formats/stream.py); the options are the fields
-of ``q4lab.Q4Config``. Errors print one line and exit with status 1.
+of ``q4lab.Q4Config``. Every error prints one line naming the problem and the fix (the flags as
+typed here: ``--overwrite``), without a traceback, and exits with status 1.
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(command: str, exc: BaseException) -> int:
+    """Print ``exc`` as one line (no traceback) and return the exit status 1."""
+    from .formats.atomic import DestinationExistsError
+
+    if isinstance(exc, DestinationExistsError):
+        text = (f"{exc.destination} exists and is not empty; pass --overwrite to replace the model "
+                f"in it (its other files are kept) or choose another destination")
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"cannot write {exc.filename}: {exc.strerror}"
+        if isinstance(exc, PermissionError):
+            text += " (choose a destination you may write to, or fix its permissions)"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    print(f"python -m q4lab {command}: error: {text}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from . import Q4Config, quantize_checkpoint
@@ -52,9 +71,12 @@ def main(argv=None) -> int:
         out = quantize_checkpoint(args.source, args.destination, cfg,
                                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                                   progress=not args.quiet)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        print(f"python -m q4lab quantize: error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"python -m q4lab {args.command}: interrupted; {args.destination} was left as it "
+              f"was", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error is one line naming the problem, never a traceback
+        return _error(args.command, exc)
     print(f"wrote {out}")
     return 0
 

@@ -9,22 +9,23 @@ dropout on the adapter input, ``scaling = lora_alpha / r``) and PEFT's safetenso
 (``<module>.lora_A.weight``). The 4-bit base is ``q4lab.nn.Linear4bit``; its custom autograd
 Function gives the input its gradient through the dequantized weight and never stores a gradient
 (or a copy) of the packed uint8 weight. Memory accounting (``training_memory``) lives in
-``q4lab.lora_memory`` and is re-exported here. Adapters are saved as PEFT adapter directories
-(``q4lab.formats.peft``) or as q4lab's single safetensors file.
+``q4lab.lora_memory`` and is re-exported here. Adapter files (PEFT adapter directories and q4lab's
+single safetensors file: ``save_adapters``, ``load_adapters``, ``read_adapters``) live in
+``q4lab.formats.peft`` and are still served under this module's name.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
+from importlib import import_module
 
 import torch
 from torch import nn
 
 from .nn import Linear4bit
+from .quantize import linear_layers, set_submodule
 
-ADAPTER_FORMAT = "q4lab.lora/1"
 _STASH = "_q4lab_unmerged"  # instance attribute of a merged layer: the LoRALinear4bit it replaced
 
 
@@ -107,17 +108,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers (4-bit or not) that are not part of an adapter wrapper (its base, lora_A,
-    lora_B)."""
-    inside = tuple(f"{n}." for n in lora_layers(model))
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, (Linear4bit, nn.Linear)) and n and not n.startswith(inside)}
+    """Linear layers (4-bit or not) that are not adapter wrappers or part of one (its base,
+    lora_A, lora_B): ``q4lab.quantize.linear_layers`` without the wrappers."""
+    return {n: m for n, m in linear_layers(model, every_name=False).items()
+            if not isinstance(m, LoRALinear4bit)}
 
 
 def _no_match_error(model, targets, candidates) -> ValueError:
@@ -158,7 +153,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in matched.items():
-        _set_submodule(model, name, LoRALinear4bit(layer, r, alpha, dropout))
+        set_submodule(model, name, LoRALinear4bit(layer, r, alpha, dropout))
     return model
 
 
@@ -187,7 +182,7 @@ def merge_lora(model: nn.Module, requantize: bool = False) -> nn.Module:
         merged = _merged_layer(layer, requantize)
         if not name:
             return merged
-        _set_submodule(model, name, merged)
+        set_submodule(model, name, merged)
     return model
 
 
@@ -220,139 +215,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
         raise ValueError("unmerge_lora: no merged LoRA layers found (merge_lora was not applied "
                          "to this model)")
     for name in merged:
-        _set_submodule(model, name, model.get_submodule(name).__dict__[_STASH])
-    return model
-
-
-# ---- adapter files --------------------------------------------------------------------------
-def _common(layers: dict[str, LoRALinear4bit], attr: str):
-    values = {getattr(m, attr) for m in layers.values()}
-    if len(values) != 1:
-        raise ValueError(f"adapter layers have different {attr}: {sorted(values)}; one adapter "
-                         f"file holds one (r, alpha) configuration")
-    return values.pop()
-
-
-def adapter_metadata(layers: dict[str, LoRALinear4bit]) -> dict[str, str]:
-    """The safetensors metadata: format tag, r, alpha, dropout, target names and module list."""
-    dropout = {float(getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
-    return {"format": ADAPTER_FORMAT, "r": str(_common(layers, "r")),
-            "alpha": repr(_common(layers, "alpha")), "dropout": repr(max(dropout)),
-            "target_modules": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in layers})),
-            "modules": json.dumps(sorted(layers))}
-
-
-def save_adapters(model: nn.Module, path) -> dict:
-    """Write only the adapters. ``path`` not ending in ``.safetensors``: a PEFT adapter directory
-    (``adapter_config.json`` + ``adapter_model.safetensors``, keys
-    ``base_model.model.<module>.lora_A.weight``) that ``peft.PeftModel.from_pretrained`` loads over
-    the transformers + bitsandbytes base (``formats.peft.save_peft_adapters``); returns its config.
-    ``path`` ending in ``.safetensors``: q4lab's single file, keys ``<module>.lora_A.weight``
-    (r x in) and ``<module>.lora_B.weight`` (out x r) in the compute dtype, r, alpha, dropout and
-    the target names in the file's metadata; returns the metadata."""
-    from safetensors.torch import save_file
-
-    if not str(path).endswith(".safetensors"):
-        from .formats.peft import save_peft_adapters
-
-        return save_peft_adapters(model, path)
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("save_adapters: the model has no LoRA adapters (call q4lab.add_lora)")
-    tensors = {}
-    for name, m in layers.items():
-        for part in ("lora_A", "lora_B"):
-            tensors[f"{name}.{part}.weight"] = getattr(m, part).weight.detach().cpu().contiguous()
-    meta = adapter_metadata(layers)
-    save_file(tensors, str(path), metadata=meta)
-    return meta
-
-
-def read_adapters(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """Read and check an adapter file: ({module: {"lora_A": A, "lora_B": B}}, metadata)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors adapter file ({exc})") from exc
-    if meta.get("format") != ADAPTER_FORMAT or not {"r", "alpha"} <= meta.keys():
-        raise ValueError(f"{path}: not a q4lab LoRA adapter file (metadata format="
-                         f"{meta.get('format')!r}, expected {ADAPTER_FORMAT!r} with r and alpha)")
-    return pair_adapter_tensors(tensors, path), meta
-
-
-def pair_adapter_tensors(tensors: dict, path,
-                         prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
-    """{module: {"lora_A": A, "lora_B": B}} from ``<prefix><module>.lora_A.weight`` /
-    ``.lora_B.weight`` keys (q4lab's adapter files, and PEFT's with prefix
-    ``base_model.model.``); any other key, or a module with only one of the two, is an error."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        name, dot, part = key.removeprefix(prefix).rpartition(".lora_")
-        if not dot or part not in ("A.weight", "B.weight"):
-            raise ValueError(f"{path}: unexpected key {key!r} (expected <module>.lora_A.weight "
-                             f"or <module>.lora_B.weight)")
-        modules.setdefault(name, {})["lora_" + part[0]] = t
-    unpaired = sorted(n for n, d in modules.items() if len(d) != 2)
-    if unpaired:
-        raise ValueError(f"{path}: modules with only one of lora_A / lora_B: {unpaired}")
-    return modules
-
-
-def _check_config(layer: LoRALinear4bit, name: str, r: int, alpha: float, path) -> None:
-    if layer.r != r or layer.alpha != alpha:
-        raise ValueError(f"{path}: adapter config r={r}, alpha={alpha:g} does not match the "
-                         f"model's {name} (r={layer.r}, alpha={layer.alpha:g})")
-
-
-def _check_shape(name: str, part: str, got: torch.Tensor, want: torch.Tensor, path) -> None:
-    if tuple(got.shape) != tuple(want.shape):
-        raise ValueError(f"{path}: {name}.{part}.weight has shape {tuple(got.shape)} but the "
-                         f"model's adapter needs {tuple(want.shape)}")
-
-
-def load_adapters(model: nn.Module, path) -> nn.Module:
-    """Load adapters into ``model`` (in place; returns it): a PEFT LoRA adapter directory (written
-    by PEFT's ``save_pretrained`` or by :func:`save_adapters`; ``formats.peft.read_peft_adapters``)
-    or a q4lab single adapter file.
-
-    If the model has no adapters yet, they are added first (``add_lora`` on exactly the modules
-    named in the file, with its r/alpha/dropout). Otherwise the file must name the same modules
-    with the same r and alpha, and every tensor must have the adapter's shape: any mismatch is a
-    ValueError listing what differs. A dtype different from the adapters' is converted, with a
-    warning if that conversion is not exact."""
-    from pathlib import Path
-
-    if Path(path).is_dir():
-        from .formats.peft import read_peft_adapters
-
-        modules, r, alpha, dropout = read_peft_adapters(path)
-    else:
-        modules, meta = read_adapters(path)
-        r, alpha, dropout = int(meta["r"]), float(meta["alpha"]), float(meta.get("dropout", 0.0))
-    if not lora_layers(model):
-        model = add_lora(model, r, alpha, dropout, target_modules=sorted(modules))
-    layers = lora_layers(model)
-    missing, unexpected = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
-    if missing or unexpected:
-        raise ValueError(f"{path}: adapter modules do not match the model: missing from the file "
-                         f"{missing[:5]}, not adapters in the model {unexpected[:5]}")
-    for name, layer in layers.items():  # check everything before touching any weight
-        _check_config(layer, name, r, alpha, path)
-        for part, t in modules[name].items():
-            _check_shape(name, part, t, getattr(layer, part).weight, path)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for part, t in modules[name].items():
-                param = getattr(layer, part).weight
-                param.copy_(t)
-                if t.dtype != param.dtype and not torch.equal(param.to(t.dtype), t):
-                    warnings.warn(f"{path}: {name}.{part} converted from {t.dtype} to "
-                                  f"{param.dtype} with rounding", RuntimeWarning, stacklevel=2)
+        set_submodule(model, name, model.get_submodule(name).__dict__[_STASH])
     return model
 
 
@@ -368,6 +231,18 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 from .lora_memory import TrainingMemory, training_memory  # noqa: E402  (re-export)
 
-__all__ = ["LoRALinear4bit", "add_lora", "merge_lora", "unmerge_lora", "save_adapters",
-           "load_adapters", "read_adapters", "lora_layers", "trainable_parameters",
-           "training_memory", "TrainingMemory"]
+# Adapter files moved to q4lab.formats.peft (which imports this module); served from there.
+_MOVED = ("save_adapters", "load_adapters", "read_adapters", "adapter_metadata",
+          "pair_adapter_tensors", "ADAPTER_FORMAT")
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        return getattr(import_module("q4lab.formats.peft"), name)
+    raise AttributeError(f"module 'q4lab.lora' has no attribute {name!r}")
+
+
+# The adapter-file names are served by __getattr__ above (ruff cannot see that: F822).
+__all__ = [  # noqa: F822
+    "LoRALinear4bit", "add_lora", "merge_lora", "unmerge_lora", "save_adapters", "load_adapters",
+    "read_adapters", "lora_layers", "trainable_parameters", "training_memory", "TrainingMemory"]

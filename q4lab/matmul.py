@@ -22,6 +22,7 @@ import torch
 
 from . import ops
 from . import reference as ref
+from .state import QuantState
 
 #: Rows (tokens) up to which Linear4bit uses the fused kernel; above, dequantize + F.linear wins
 #: (bench/bench_infer.py on a 2-core AVX-512 machine, 4096x4096: fused is ~12x faster for 1 row,
@@ -35,6 +36,10 @@ def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ops.TORCH_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; matmul_4bit takes float32, float16 or bfloat16")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be the q4lab.QuantState returned with the packed weight "
+                        f"(quantize_4bit returns (packed, state); a Linear4bit holds "
+                        f"layer.quant_state), got {type(state).__name__}")
     ops.check_state(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D weight (out_features, in_features); the state "
@@ -46,6 +51,10 @@ def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
     if x.device != packed.device:
         raise ValueError(f"x is on {x.device} but the weight is on {packed.device}; move one of "
                          f"them (layer.to(device) or x.to(device))")
+    if x.is_meta:
+        raise ValueError("x and the weight are on the meta device, which holds no data (a model "
+                         "built with init_empty_weights / device='meta'); load the weights first "
+                         "(q4lab.from_pretrained, or layer.to_empty + load_state_dict)")
     if not x.is_contiguous():
         raise ValueError(f"x (shape {tuple(x.shape)}, strides {x.stride()}) is not contiguous; "
                          f"pass x.contiguous()")
@@ -111,7 +120,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor
     the packed codes without materialising Ŵ. ``x``: (..., K) float32/float16/bfloat16, contiguous,
     on the weight's device. Returns (..., N) in x's dtype (computed in float32, rounded once at the
     end). ``backend``: "auto" | "reference" | "cpu" | "cuda", as for ``quantize_4bit``."""
-    if not state.is_torch:
+    if isinstance(state, QuantState) and not state.is_torch and isinstance(packed, torch.Tensor):
         state = state.to(packed.device)
     n, k = check_matmul_args(x, packed, state, bias)
     return _fused(x, packed, state, bias, ops.resolve_backend(backend, x.device))

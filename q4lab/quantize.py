@@ -21,19 +21,56 @@ from .metrics import error_stats
 from .nn import Linear4bit, Q4Config
 
 
-def _linear_targets(model: nn.Module, cfg: Q4Config) -> list[str]:
-    """Names of the ``nn.Linear`` layers ``cfg`` quantizes, checked up front (dtype, finite
-    values) so that a bad layer is reported before anything is replaced. LoRA adapter layers
-    (``lora_*``) are never quantized."""
-    names = []
-    for name, module in model.named_modules(remove_duplicate=False):  # every name of a shared layer
-        if not isinstance(module, nn.Linear) or not name:
+def is_adapter_wrapper(module: nn.Module) -> bool:
+    """A LoRA wrapper around a 4-bit layer (``q4lab.LoRALinear4bit``: a ``base`` Linear4bit plus
+    ``lora_A`` / ``lora_B``), recognised without importing ``q4lab.lora`` (which imports this)."""
+    return isinstance(getattr(module, "base", None), Linear4bit) and hasattr(module, "lora_A")
+
+
+def linear_layers(model: nn.Module, every_name: bool = True) -> dict[str, nn.Module]:
+    """{name: layer} for every linear layer of ``model``: ``nn.Linear``, ``Linear4bit`` and LoRA
+    wrappers, a wrapper as one layer (its ``base``, ``lora_A``, ``lora_B`` are not listed). The one
+    walk over layers that quantize_model, save_pretrained, quantize_checkpoint, the PEFT writer
+    and add_lora share. ``every_name``: a layer reachable under several names is listed under each
+    (``named_modules(remove_duplicate=False)``, as transformers' ``replace_with_bnb_linear``
+    walks). ``model`` itself (name "") is not listed."""
+    out: dict[str, nn.Module] = {}
+    inside: tuple = ()
+    for name, module in model.named_modules(remove_duplicate=not every_name):
+        if not name or name.startswith(inside):
             continue
-        if cfg.skips(name) or any(p.startswith("lora_") for p in name.split(".")):
+        if is_adapter_wrapper(module):
+            out[name] = module
+            inside += (name + ".",)
+        elif isinstance(module, (nn.Linear, Linear4bit)):
+            out[name] = module
+    return out
+
+
+def quantize_targets(model: nn.Module, cfg: Q4Config) -> tuple[list[str], list[str]]:
+    """The one rule for which layers are quantized: (names of the ``nn.Linear`` layers ``cfg``
+    quantizes, names of the other ``nn.Linear`` layers, kept in full precision). Quantized: not
+    matched by ``cfg.skip_modules``, not a LoRA adapter layer (a ``lora_*`` name component, as
+    PEFT names them), at least ``cfg.min_numel`` weights. Works on a meta-device model (shapes
+    only): ``quantize_checkpoint`` decides on one built from ``config.json``."""
+    targets, dense = [], []
+    for name, module in linear_layers(model).items():
+        if not isinstance(module, nn.Linear):
             continue
-        w = module.weight
-        if w.numel() < cfg.min_numel:
-            continue
+        adapter = any(p.startswith("lora_") for p in name.split("."))
+        if cfg.skips(name) or adapter or module.weight.numel() < cfg.min_numel:
+            dense.append(name)
+        else:
+            targets.append(name)
+    return targets, dense
+
+
+def _checked_targets(model: nn.Module, cfg: Q4Config) -> list[str]:
+    """:func:`quantize_targets`, each weight checked up front (dtype, device, finite values) so
+    that a bad layer is reported before anything is replaced."""
+    names = quantize_targets(model, cfg)[0]
+    for name in names:
+        w = model.get_submodule(name).weight
         if w.dtype not in ops.TORCH_DTYPES:
             raise TypeError(f"layer {name!r} has a {w.dtype} weight; 4-bit quantization takes "
                             f"float32, float16 or bfloat16 (convert the model first)")
@@ -41,7 +78,6 @@ def _linear_targets(model: nn.Module, cfg: Q4Config) -> list[str]:
             raise ValueError(f"layer {name!r} is on the meta device; load its weights first")
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer {name!r} has NaN or Inf in its weight; cannot quantize")
-        names.append(name)
     return names
 
 
@@ -78,7 +114,7 @@ def quantize_model(model: nn.Module, cfg: Q4Config | None = None, progress: bool
                         "nn.Linear in place; use q4lab.Linear4bit.from_linear(layer, ...)")
     shared: dict = {}
     replaced: dict = {}  # id(original nn.Linear) -> (original, its Linear4bit): one per module
-    for name in tqdm(_linear_targets(model, cfg), desc="quantizing to 4 bits",
+    for name in tqdm(_checked_targets(model, cfg), desc="quantizing to 4 bits",
                      disable=not progress, unit="layer"):
         linear = model.get_submodule(name)
         if id(linear) not in replaced:

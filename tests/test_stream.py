@@ -178,15 +178,17 @@ def test_broken_sources_leave_no_destination(source, tmp_path, breakage):
 
 
 def test_existing_destination_is_kept_unless_overwrite(source, tmp_path):
+    """Without overwrite a non-empty destination is refused; with it the model is written and the
+    user's own files in the destination stay (docs/data-safety.md, W8)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
         q4lab.quantize_checkpoint(source, out, CFG, progress=False)
-    assert (out / "mine.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     q4lab.quantize_checkpoint(source, out, CFG, progress=False, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
-    assert leftovers(tmp_path) == []
+    assert (out / "mine.txt").read_text() == "keep" and (out / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == [] and leftovers(out) == []
 
 
 def test_refuses_tied_output_layer_and_quantized_sources(source, tmp_path):

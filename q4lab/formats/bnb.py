@@ -8,8 +8,10 @@ stored as ``<p>.weight`` (packed uint8, shape ``((n+1)//2, 1)``), ``<p>.weight.a
 ``<p>.weight.quant_state.bitsandbytes__<nf4|fp4>``: a uint8 tensor of the UTF-8 JSON
 ``{"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
 "nested_offset"}`` (``QuantState.bnb_json``). Every other entry is the module's ordinary state dict.
-q4lab's "int4" has no bitsandbytes equivalent and is refused. Loading checks everything first and
-only then changes the model.
+q4lab's "int4" has no bitsandbytes equivalent and is refused. Loading checks everything first
+(keys, shapes, sizes against the shape and blocksize, codebooks, and every statistic: absmax and
+nested absmax finite and >= 0, the offset finite; docs/data-safety.md) and only then changes the
+model.
 """
 from __future__ import annotations
 
@@ -160,6 +162,9 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
                        code=ops._table(qt, raw.device), absmax=absmax)
     if nested:
         state.offset, state.state2 = _nested_parts(sd, p, meta, nblocks, raw.device)
+        _check_statistic(p + "weight.nested_absmax", state.state2.absmax)
+    else:
+        _check_statistic(p + "weight.absmax", absmax)
     try:
         ops.check_state(raw.reshape(-1), state)
     except (TypeError, ValueError) as exc:
@@ -171,6 +176,19 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
                          f"{getattr(bias, 'dtype', type(bias).__name__)} "
                          f"{tuple(getattr(bias, 'shape', ()))}")
     return raw.reshape(-1), state, bias
+
+
+def _check_statistic(key: str, values: torch.Tensor) -> None:
+    """An absmax (plain or nested) is the largest |value| of its block: finite and >= 0. A NaN
+    or Inf here decodes to NaN weights silently, so the file is refused before any tensor reaches
+    a model."""
+    bad = ~torch.isfinite(values) | (values < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{key!r} has {int(bad.sum())} of {values.numel()} values that are NaN, "
+                         f"Inf or negative, first at block {i} ({float(values[i])!r}); an absmax "
+                         f"is the largest |weight| of its block, so this checkpoint is corrupted: "
+                         f"re-download or re-quantize it")
 
 
 def _blocksize(value, key: str) -> int:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +65,7 @@ def check_quantization_config(qc, where) -> dict:
                          f"q4lab.quantize_model, or stream it with q4lab.quantize_checkpoint")
     if not isinstance(qc, dict):
         raise ValueError(f"{where}: quantization_config must be a JSON object, got {qc!r}")
+    _check_field_types(qc, where)
     method = qc.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ValueError(f"{where}: quant_method {method!r} is not supported; q4lab opens "
@@ -83,6 +82,33 @@ def check_quantization_config(qc, where) -> dict:
         raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported (q4lab "
                          f"reads 4-bit codes packed in uint8, bitsandbytes' default)")
     return qc
+
+
+_FIELD_TYPES = {"quant_method": (str,), "load_in_4bit": (bool,), "_load_in_4bit": (bool,),
+                "load_in_8bit": (bool,), "_load_in_8bit": (bool,),
+                "bnb_4bit_use_double_quant": (bool,), "bnb_4bit_quant_type": (str,),
+                "bnb_4bit_compute_dtype": (str,), "bnb_4bit_quant_storage": (str,),
+                "llm_int8_skip_modules": (list,)}
+
+
+def _check_field_types(qc: dict, where) -> None:
+    """Each field transformers' ``BitsAndBytesConfig`` defines has its JSON type (a string,
+    ``true``/``false``, a list of names) or is null; else ValueError naming it, instead of an
+    AttributeError or TypeError later."""
+    for key, types in _FIELD_TYPES.items():
+        value = qc.get(key)
+        if value is not None and not isinstance(value, types):
+            kind = {bool: "true or false", str: "a string", list: "a list of module names"}
+            raise ValueError(f"{where}: quantization_config.{key} = {value!r} must be "
+                             f"{kind[types[0]]} (as transformers' BitsAndBytesConfig writes it); "
+                             f"fix config.json")
+    if qc.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        raise ValueError(f"{where}: bnb_4bit_quant_type {qc['bnb_4bit_quant_type']!r} is not "
+                         f"'nf4' or 'fp4', the 4-bit types bitsandbytes stores")
+    skip = qc.get("llm_int8_skip_modules") or []
+    if not all(isinstance(n, str) for n in skip):
+        raise ValueError(f"{where}: quantization_config.llm_int8_skip_modules must list module "
+                         f"names (strings), got {skip!r}")
 
 
 # ---- building transformers models without loading weights ----------------------------------------
@@ -138,10 +164,11 @@ def _unwrapped_state_dict(model: nn.Module) -> dict:
     """``to_bnb_state_dict(model)`` with every LoRA wrapper replaced by its 4-bit base (the
     adapters are saved separately: ``q4lab.save_adapters``)."""
     from .bnb import to_bnb_state_dict
-    from ..lora import lora_layers
+    from ..quantize import is_adapter_wrapper, linear_layers
 
     state = to_bnb_state_dict(model)
-    wrappers = [n for n in lora_layers(model) if n]
+    wrappers = [n for n, m in linear_layers(model, every_name=False).items()
+                if is_adapter_wrapper(m)]
     if not wrappers:
         return state
     out = {}
@@ -158,22 +185,19 @@ def _unwrapped_state_dict(model: nn.Module) -> dict:
     return out
 
 
-def _layers(model: nn.Module) -> tuple[dict, list]:
+def layers_by_kind(model: nn.Module) -> tuple[dict, list]:
     """({name: Linear4bit} with LoRA bases under their wrapper's name, [names of the
-    full-precision nn.Linear layers])."""
-    from ..lora import LoRALinear4bit
+    full-precision nn.Linear layers]), from ``q4lab.quantize.linear_layers``."""
     from ..nn import Linear4bit
+    from ..quantize import is_adapter_wrapper, linear_layers
 
-    quant, dense, inside = {}, [], []
-    for name, m in model.named_modules(remove_duplicate=False):
-        if any(name.startswith(p) for p in inside):
-            continue
-        if isinstance(m, LoRALinear4bit):
+    quant, dense = {}, []
+    for name, m in linear_layers(model).items():
+        if is_adapter_wrapper(m):
             quant[name] = m.base
-            inside.append(name + ".")
         elif isinstance(m, Linear4bit):
             quant[name] = m
-        elif isinstance(m, nn.Linear) and name:
+        else:
             dense.append(name)
     return quant, dense
 
@@ -215,9 +239,12 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
     ``generation_config.json`` and the tokenizer's files when given. LoRA adapters are not part of
     it (their 4-bit bases are): save them with ``q4lab.save_adapters(model, directory)``.
     ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it with bitsandbytes
-    installed, ``q4lab.from_pretrained(directory)`` without. Written to a temporary directory and
-    moved into place at the end. Returns the directory."""
-    from .shards import ShardWriter, commit_directory, parse_size
+    installed, ``q4lab.from_pretrained(directory)`` without. Written transactionally
+    (``q4lab.formats.atomic.write_directory``, docs/data-safety.md): into an existing directory
+    the old model's files (weights, shards, index, configs) are replaced, the user's other files
+    kept, and on any failure the directory is left as it was. Returns the directory."""
+    from .atomic import write_directory
+    from .shards import ShardWriter, parse_size
 
     config = getattr(model, "config", None)
     if not (isinstance(model, nn.Module) and hasattr(config, "to_dict")
@@ -225,7 +252,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
         raise TypeError(f"save_pretrained writes a transformers directory and needs a transformers "
                         f"model (with .config), got {type(model).__name__}; for any nn.Module "
                         f"use q4lab.save(model, path)")
-    quant, dense = _layers(model)
+    quant, dense = layers_by_kind(model)
     if not quant:
         raise ValueError("save_pretrained: the model has no 4-bit layers; quantize it first "
                          "(q4lab.quantize_model)")
@@ -236,10 +263,13 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
         config.tie_word_embeddings = False  # a 4-bit output layer is no longer the embedding
     config.quantization_config = qc
     config.architectures = [type(model).__name__]  # as transformers' save_pretrained sets it
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer (with save_pretrained), got "
+                        f"{type(tokenizer).__name__}; pass tokenizer=None to save without one")
+    max_bytes = parse_size(max_shard_size)
     directory = Path(directory)
-    tmp = _tmp_dir(directory)
-    try:
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
+    with write_directory(directory, overwrite=True) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
         from tqdm.auto import tqdm
 
         with tqdm(total=sum(t.numel() * t.element_size() for t in state.values()), unit="B",
@@ -254,16 +284,7 @@ def save_pretrained(model: nn.Module, directory, tokenizer=None, max_shard_size=
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        commit_directory(tmp, directory, replace="merge")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _tmp_dir(directory: Path) -> Path:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
 
 
 def _groups(state: dict, quant: dict):
@@ -305,7 +326,10 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
     from ..nn import Linear4bit
     from ..ops import DTYPE_OF_NAME
 
+    from .atomic import recover
+
     directory = Path(directory)
+    recover(directory)  # a swap a killed writer left half done is rolled back first
     raw = _read_config(directory)
     qc = check_quantization_config(raw.get("quantization_config"), directory)
     if compute_dtype is None:
@@ -317,7 +341,12 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
                              f"bfloat16")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(directory))
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # transformers raises many kinds for a config it cannot build
+        raise ValueError(f"{directory / 'config.json'}: transformers cannot build a config from "
+                         f"it ({' '.join(str(exc).split())[:300]}); fix or replace the file") \
+            from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     entries, _ = inventory(directory)

@@ -1,5 +1,5 @@
-"""PEFT LoRA adapter directories both ways: ``save_peft_adapters`` / ``read_peft_adapters``
-(``q4lab.save_adapters`` / ``q4lab.load_adapters`` with a directory).
+"""LoRA adapter files both ways: PEFT adapter directories and q4lab's single safetensors file;
+``save_adapters`` / ``load_adapters`` / ``read_adapters`` (``q4lab.save_adapters`` etc.).
 
 Source: peft 0.21 ``PeftModel.save_pretrained``: ``adapter_config.json`` (a ``LoraConfig``:
 ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) and
@@ -8,16 +8,25 @@ Source: peft 0.21 ``PeftModel.save_pretrained``: ``adapter_config.json`` (a ``Lo
 over a bnb 4-bit layer is ``base(x) + lora_B(lora_A(dropout(x))) * lora_alpha / r``
 (``tuners/lora/bnb.py::Linear4bit``), the arithmetic of ``q4lab.LoRALinear4bit``; options that
 change it (DoRA, rsLoRA, per-module ranks, trained biases, ``modules_to_save``) are refused by name.
+q4lab's single file holds ``<module>.lora_A.weight`` / ``.lora_B.weight`` with r, alpha, dropout
+and the target names in its metadata. Writes go through ``q4lab.formats.atomic``; a failed
+``load_adapters`` leaves the model exactly as it was (docs/data-safety.md).
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .hf import _layers
+from ..lora import LoRALinear4bit, add_lora, check_lora_config, lora_layers
+from ..quantize import set_submodule
+from .atomic import ADAPTER_FILES, follow_umask, replace_file, write_directory
+from .hf import layers_by_kind
 
+ADAPTER_FORMAT = "q4lab.lora/1"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -25,7 +34,7 @@ def _target_names(model: nn.Module, names: list) -> list:
     """PEFT ``target_modules``: the short names (``q_proj``) when they match exactly the adapted
     layers among the model's linear layers (PEFT matches ``name == t or name.endswith('.' + t)``),
     else the full names."""
-    quant, dense = _layers(model)
+    quant, dense = layers_by_kind(model)
     candidates = set(quant) | set(dense)
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     hit = {c for c in candidates if any(c == t or c.endswith("." + t) for t in short)}
@@ -36,8 +45,6 @@ def save_peft_adapters(model: nn.Module, directory) -> dict:
     """Write ``model``'s LoRA adapters as a PEFT adapter directory (``adapter_config.json`` +
     ``adapter_model.safetensors`` with PEFT's key names); returns the config written."""
     from safetensors.torch import save_file
-
-    from ..lora import _common, lora_layers
 
     layers = {n: m for n, m in lora_layers(model).items() if n}
     if not layers:
@@ -58,11 +65,10 @@ def save_peft_adapters(model: nn.Module, directory) -> dict:
         for part in ("lora_A", "lora_B"):
             w = getattr(m, part).weight.detach().cpu().contiguous()
             tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = w
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (directory / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True)
-                                                   + "\n")
+    with write_directory(directory, overwrite=True, owned=ADAPTER_FILES) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        follow_umask(tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return cfg
 
 
@@ -88,13 +94,13 @@ def read_peft_adapters(directory) -> tuple[dict, int, float, float]:
         tensors = load_file(str(st_path))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"{st_path}: not readable as safetensors ({exc})") from exc
-    from ..lora import pair_adapter_tensors
-
     modules = pair_adapter_tensors(tensors, st_path, PEFT_PREFIX)
     if not modules:
         raise ValueError(f"{st_path} holds no adapter weights")
-    return modules, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), \
-        float(cfg.get("lora_dropout") or 0.0)
+    r, alpha, dropout = _lora_numbers(cfg["r"], cfg.get("lora_alpha", 8),
+                                      cfg.get("lora_dropout") or 0.0, cfg_path,
+                                      ("r", "lora_alpha", "lora_dropout"))
+    return modules, r, alpha, dropout
 
 
 def _check_peft_config(cfg, path) -> None:
@@ -114,6 +120,178 @@ def _check_peft_config(cfg, path) -> None:
     if unsupported:
         raise ValueError(f"{path}: adapter options q4lab's LoRA layer does not compute: "
                          f"{unsupported} (q4lab: y = base(x) + (lora_alpha/r) B A x)")
-    if isinstance(cfg.get("r"), bool) or not isinstance(cfg.get("r"), int):
-        raise ValueError(f"{path}: r must be an integer, got {cfg.get('r')!r}")
+    if "r" not in cfg:
+        raise ValueError(f"{path}: no 'r' (the LoRA rank); PEFT's LoraConfig writes it")
 
+
+def _lora_numbers(r, alpha, dropout, path, keys) -> tuple[int, float, float]:
+    """r, alpha, dropout as numbers, checked as ``add_lora`` checks them; ValueError naming the
+    file and the key when one is not (e.g. ``lora_alpha: "sixteen"``)."""
+    def number(value, key):
+        if isinstance(value, str):
+            try:
+                return int(value) if key == keys[0] else float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: {key}={value!r} is not a number; write it as a number "
+                             f"(e.g. r: 8, lora_alpha: 16, lora_dropout: 0.05)")
+        return value
+
+    values = [number(v, k) for v, k in zip((r, alpha, dropout), keys)]
+    try:
+        return check_lora_config(*values)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (keys {', '.join(keys)})") from exc
+
+
+def _common(layers: dict[str, LoRALinear4bit], attr: str):
+    values = {getattr(m, attr) for m in layers.values()}
+    if len(values) != 1:
+        raise ValueError(f"adapter layers have different {attr}: {sorted(values)}; one adapter "
+                         f"file holds one (r, alpha) configuration")
+    return values.pop()
+
+
+def adapter_metadata(layers: dict[str, LoRALinear4bit]) -> dict[str, str]:
+    """The safetensors metadata: format tag, r, alpha, dropout, target names and module list."""
+    dropout = {float(getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
+    return {"format": ADAPTER_FORMAT, "r": str(_common(layers, "r")),
+            "alpha": repr(_common(layers, "alpha")), "dropout": repr(max(dropout)),
+            "target_modules": json.dumps(sorted({n.rsplit(".", 1)[-1] for n in layers})),
+            "modules": json.dumps(sorted(layers))}
+
+
+def save_adapters(model: nn.Module, path) -> dict:
+    """Write only the adapters. ``path`` not ending in ``.safetensors``: a PEFT adapter directory
+    (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+    ``base_model.model.<module>.lora_A.weight``) that ``peft.PeftModel.from_pretrained`` loads over
+    the transformers + bitsandbytes base (``formats.peft.save_peft_adapters``); returns its config.
+    ``path`` ending in ``.safetensors``: q4lab's single file, keys ``<module>.lora_A.weight``
+    (r x in) and ``<module>.lora_B.weight`` (out x r) in the compute dtype, r, alpha, dropout and
+    the target names in the file's metadata; returns the metadata."""
+    from safetensors.torch import save_file
+
+    if not str(path).endswith(".safetensors"):
+        return save_peft_adapters(model, path)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_adapters: the model has no LoRA adapters (call q4lab.add_lora)")
+    tensors = {}
+    for name, m in layers.items():
+        for part in ("lora_A", "lora_B"):
+            tensors[f"{name}.{part}.weight"] = getattr(m, part).weight.detach().cpu().contiguous()
+    meta = adapter_metadata(layers)
+    with replace_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return meta
+
+
+def read_adapters(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """Read and check an adapter file: ({module: {"lora_A": A, "lora_B": B}}, metadata)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors adapter file ({exc})") from exc
+    if meta.get("format") != ADAPTER_FORMAT or not {"r", "alpha"} <= meta.keys():
+        raise ValueError(f"{path}: not a q4lab LoRA adapter file (metadata format="
+                         f"{meta.get('format')!r}, expected {ADAPTER_FORMAT!r} with r and alpha)")
+    _lora_numbers(meta["r"], meta["alpha"], meta.get("dropout", "0.0"), path,
+                  ("r", "alpha", "dropout"))
+    return pair_adapter_tensors(tensors, path), meta
+
+
+def pair_adapter_tensors(tensors: dict, path,
+                         prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"lora_A": A, "lora_B": B}} from ``<prefix><module>.lora_A.weight`` /
+    ``.lora_B.weight`` keys (q4lab's adapter files, and PEFT's with prefix
+    ``base_model.model.``); any other key, or a module with only one of the two, is an error."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        name, dot, part = key.removeprefix(prefix).rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{path}: unexpected key {key!r} (expected <module>.lora_A.weight "
+                             f"or <module>.lora_B.weight)")
+        modules.setdefault(name, {})["lora_" + part[0]] = t
+    unpaired = sorted(n for n, d in modules.items() if len(d) != 2)
+    if unpaired:
+        raise ValueError(f"{path}: modules with only one of lora_A / lora_B: {unpaired}")
+    return modules
+
+
+def _check_config(layer: LoRALinear4bit, name: str, r: int, alpha: float, path) -> None:
+    if layer.r != r or layer.alpha != alpha:
+        raise ValueError(f"{path}: adapter config r={r}, alpha={alpha:g} does not match the "
+                         f"model's {name} (r={layer.r}, alpha={layer.alpha:g})")
+
+
+def _check_shape(name: str, part: str, got: torch.Tensor, want: torch.Tensor, path) -> None:
+    if tuple(got.shape) != tuple(want.shape):
+        raise ValueError(f"{path}: {name}.{part}.weight has shape {tuple(got.shape)} but the "
+                         f"model's adapter needs {tuple(want.shape)}")
+
+
+def load_adapters(model: nn.Module, path) -> nn.Module:
+    """Load adapters into ``model`` (in place; returns it): a PEFT LoRA adapter directory (written
+    by PEFT's ``save_pretrained`` or by :func:`save_adapters`; :func:`read_peft_adapters`) or a
+    q4lab single adapter file.
+
+    If the model has no adapters yet, they are added first (``add_lora`` on exactly the modules
+    named in the file, with its r/alpha/dropout). Otherwise the file must name the same modules
+    with the same r and alpha, and every tensor must have the adapter's shape: any mismatch is a
+    ValueError listing what differs. All or nothing: when loading fails the model is exactly as
+    before (no wrappers added, the same trainable parameters, the same adapter weights). A dtype
+    different from the adapters' is converted, with a warning if that conversion is not exact."""
+    if Path(path).is_dir():
+        modules, r, alpha, dropout = read_peft_adapters(path)
+    else:
+        modules, meta = read_adapters(path)
+        r, alpha, dropout = _lora_numbers(meta["r"], meta["alpha"], meta.get("dropout", "0.0"),
+                                          path, ("r", "alpha", "dropout"))
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    added: list = []
+    saved: list = []
+    try:
+        if not lora_layers(model):
+            model = add_lora(model, r, alpha, dropout, target_modules=sorted(modules))
+            added = sorted(lora_layers(model))
+        layers = lora_layers(model)
+        _check_adapters(layers, modules, r, alpha, path)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for part, t in modules[name].items():
+                    param = getattr(layer, part).weight
+                    saved.append((param, param.detach().clone()))
+                    param.copy_(t)
+                    if t.dtype != param.dtype and not torch.equal(param.to(t.dtype), t):
+                        warnings.warn(f"{path}: {name}.{part} converted from {t.dtype} to "
+                                      f"{param.dtype} with rounding", RuntimeWarning,
+                                      stacklevel=2)
+    except BaseException:
+        with torch.no_grad():
+            for param, old in saved:
+                param.copy_(old)
+        for name in added:
+            if name:
+                set_submodule(model, name, model.get_submodule(name).base)
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+        raise
+    return model
+
+
+def _check_adapters(layers: dict, modules: dict, r: int, alpha: float, path) -> None:
+    missing, unexpected = sorted(set(layers) - set(modules)), sorted(set(modules) - set(layers))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter modules do not match the model: missing from the file "
+                         f"{missing[:5]}, not adapters in the model {unexpected[:5]}")
+    for name, layer in layers.items():  # check everything before touching any weight
+        _check_config(layer, name, r, alpha, path)
+        for part, t in modules[name].items():
+            _check_shape(name, part, t, getattr(layer, part).weight, path)

@@ -13,15 +13,18 @@ import json
 
 from torch import nn
 
-from ..ops import DTYPE_OF_NAME, TORCH_DTYPES
-from .bnb import from_bnb_state_dict, json_object, to_bnb_state_dict
 from ..nn import Linear4bit
+from ..ops import DTYPE_OF_NAME, TORCH_DTYPES
+from .atomic import replace_file
+from .bnb import from_bnb_state_dict, json_object, to_bnb_state_dict
 
 
 def save(model: nn.Module, path) -> None:
     """Write ``model``'s state dict to a safetensors file in bitsandbytes' 4-bit layout
     (``q4lab.to_bnb_state_dict``). Tensors shared under several names (tied embeddings) are
-    written once; the aliases go into the file's metadata."""
+    written once; the aliases go into the file's metadata. Written to a temporary file beside
+    ``path`` and renamed over it (``q4lab.formats.atomic.replace_file``): an existing file keeps
+    its old content if anything fails; a missing folder is a FileNotFoundError."""
     from safetensors.torch import save_file
 
     state = to_bnb_state_dict(model)
@@ -37,7 +40,8 @@ def save(model: nn.Module, path) -> None:
         tensors[k] = t.detach().contiguous().cpu()
     meta = {"format": "pt", "q4lab.format": "bnb-4bit/1", "q4lab.aliases": json.dumps(aliases),
             "q4lab.compute_dtypes": json.dumps(_compute_dtypes(model))}
-    save_file(tensors, str(path), metadata=meta)
+    with replace_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def _compute_dtypes(model: nn.Module) -> dict:

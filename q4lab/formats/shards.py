@@ -16,15 +16,14 @@ header before anything is written (the safetensors library's own verdict), besid
 ``ShardWriter`` appends each tensor's bytes to a temporary file as it comes and, when a shard is
 full, writes the shard: header, then the tensors ordered as safetensors orders them (larger element
 size first, then by name, so every tensor is aligned to its element size). ``save_pretrained`` and
-``quantize_checkpoint`` both write through it.
+``quantize_checkpoint`` both write through it, into the staging directory of
+``q4lab.formats.atomic.write_directory`` (docs/data-safety.md).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,13 +180,18 @@ def read_tensor(entry: Entry) -> torch.Tensor:
 def parse_size(size) -> int:
     """Bytes in ``size``: an int, or "5GB" / "500MB" (powers of 10) / "2GiB" (powers of 2), as
     transformers' ``max_shard_size``."""
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: give bytes (int) or e.g. '5GB', '500MB'")
-    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size={size!r}: give bytes (int) or e.g. '5GB', '500MB'")
+        power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+        n = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if n <= 0:
+        raise ValueError(f"max_shard_size={size!r} is {n} bytes; it must be at least 1 byte "
+                         f"(e.g. '5GB', transformers' default)")
+    return n
 
 
 class ShardWriter:
@@ -288,38 +292,3 @@ class ShardWriter:
 
 def _nbytes(value) -> int:
     return value.nbytes if isinstance(value, Entry) else value.numel() * value.element_size()
-
-
-def commit_directory(tmp: Path, destination: Path, replace: str = "error") -> None:
-    """Move the finished ``tmp`` directory to ``destination``. If ``destination`` exists:
-    ``replace="error"`` refuses, ``"replace"`` swaps it out whole, ``"merge"`` moves the new files
-    in and deletes weight files of an earlier save that the new one does not have (as
-    transformers' ``save_pretrained`` does)."""
-    tmp, destination = Path(tmp), Path(destination)
-    if not destination.exists():
-        os.replace(tmp, destination)
-        return
-    if replace == "error":
-        raise FileExistsError(f"{destination} exists; choose another destination or pass "
-                              f"overwrite=True")
-    if not destination.is_dir():
-        raise FileExistsError(f"{destination} exists and is not a directory")
-    if replace == "replace":
-        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-        os.replace(destination, old / destination.name)
-        os.replace(tmp, destination)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    new = {p.name for p in tmp.iterdir()}
-    for p in destination.iterdir():
-        stale = p.name.startswith("model") and (p.name.endswith(".safetensors")
-                                                or p.name == INDEX)
-        if stale and p.name not in new and p.is_file():
-            p.unlink()
-    for p in tmp.iterdir():
-        target = destination / p.name
-        if target.is_dir() and not p.is_dir():
-            raise FileExistsError(f"{target} is a directory; cannot write the file {p.name}")
-        os.replace(p, target)
-    tmp.rmdir()
-

@@ -1,21 +1,21 @@
 """``quantize_checkpoint``: quantize a (sharded) safetensors checkpoint directory without loading
 the model, one tensor at a time, into the directory ``q4lab.save_pretrained`` writes.
 
-What is quantized is decided exactly as ``q4lab.quantize_model`` decides it on the loaded model (the
-walk of transformers' ``replace_with_bnb_linear``: every ``nn.Linear`` not matched by
-``Q4Config.skip_modules``, not a LoRA layer, with at least ``min_numel`` weights), on a transformers
-model built from ``config.json`` on the meta device (no memory). Each of those weights is read
-(``checkpoint.read_tensor``), quantized by ``q4lab.quantize_4bit`` with the config's settings and
-written in bitsandbytes' keys (``q4lab.to_bnb_state_dict``); every other tensor (embeddings, norms,
-skipped layers, biases) is copied byte for byte without being loaded. So the output is
-byte-identical to ``quantize_model`` + ``save_pretrained`` on the model loaded in the checkpoint's
-own dtype. Peak memory: one source tensor and its 4-bit result (plus 16 MiB copy buffers); the
-output goes to disk shard by shard (``checkpoint.ShardWriter``).
+What is quantized is decided by the function ``q4lab.quantize_model`` uses on the loaded model
+(``q4lab.quantize.quantize_targets``, the walk of transformers' ``replace_with_bnb_linear``: every
+``nn.Linear`` not matched by ``Q4Config.skip_modules``, not a LoRA layer, with at least
+``min_numel`` weights), on a transformers model built from ``config.json`` on the meta device.
+Each of those weights is read (``shards.read_tensor``), quantized by ``q4lab.quantize_4bit`` with
+the config's settings and written in bitsandbytes' keys (``q4lab.to_bnb_state_dict``); every other
+tensor (embeddings, norms, skipped layers, biases) is copied byte for byte without being loaded. So
+the output is byte-identical to ``quantize_model`` + ``save_pretrained`` on the model loaded in the
+checkpoint's own dtype. Peak memory: one source tensor and its 4-bit result (plus 16 MiB copy
+buffers); the output goes to disk shard by shard (``shards.ShardWriter``).
 
 Everything that can be checked before writing is checked first (every shard present and whole,
 index and shards agreeing, every weight to quantize present, floating point and of the layer's
-shape); the output is built in a temporary directory next to ``destination`` and renamed at the
-end, and removed on any error, so a failure never leaves a half-written destination.
+shape); the output is written through ``q4lab.formats.atomic.write_directory``, so a failure, a
+SIGTERM or a SIGKILL never leaves a half-written destination (docs/data-safety.md).
 """
 from __future__ import annotations
 
@@ -23,29 +23,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter, commit_directory, inventory, parse_size, read_tensor
-from .hf import _tmp_dir, bnb_quantization_config, empty_model, tied_targets
+from ..quantize import quantize_targets
+from .atomic import check_separate, is_temporary, recover, write_directory
+from .hf import bnb_quantization_config, empty_model, tied_targets
+from .shards import ShardWriter, inventory, parse_size, read_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
-
-
-def linear_targets(model: nn.Module, cfg) -> tuple[list, list]:
-    """(names ``quantize_model`` would quantize, names of the other ``nn.Linear`` layers), by the
-    rules of ``quantize_model``; works on a meta-device model (no weights needed)."""
-    targets, dense = [], []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, nn.Linear) or not name:
-            continue
-        lora = any(p.startswith("lora_") for p in name.split("."))
-        if cfg.skips(name) or lora or module.weight.numel() < cfg.min_numel:
-            dense.append(name)
-        else:
-            targets.append(name)
-    return targets, dense
 
 
 def _config(source: Path):
@@ -54,7 +40,12 @@ def _config(source: Path):
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} has no config.json; quantize_checkpoint reads a "
                                 f"transformers checkpoint directory")
-    config = AutoConfig.from_pretrained(str(source))
+    try:
+        config = AutoConfig.from_pretrained(str(source))
+    except Exception as exc:  # transformers raises many kinds for a config it cannot build
+        raise ValueError(f"{source / 'config.json'} is not a transformers config that q4lab can "
+                         f"read ({_one_line(exc)}); fix or replace it (it must be the JSON "
+                         f"transformers' save_pretrained writes, with a known model_type)") from exc
     qc = getattr(config, "quantization_config", None)
     if qc is not None:
         method = qc.get("quant_method") if isinstance(qc, dict) else type(qc).__name__
@@ -63,10 +54,14 @@ def _config(source: Path):
     return config
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
 def _plan(model, entries: dict, cfg, source) -> tuple[dict, list, torch.dtype]:
     """{weight key: layer name} to quantize, the other Linear names, the compute dtype; raises
     ValueError before anything is written if a weight is missing, not float, or misshapen."""
-    targets, dense = linear_targets(model, cfg)
+    targets, dense = quantize_targets(model, cfg)
     tied = tied_targets(model)
     plan = {}
     for name in targets:
@@ -132,7 +127,10 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
     ``config``: a ``q4lab.Q4Config`` (default QLoRA's). The result is the directory
     ``q4lab.save_pretrained`` writes for ``quantize_model(loaded model, config)``, byte for byte,
     plus the source's other files (tokenizer, generation config). ``destination`` must not exist
-    unless ``overwrite=True``. Returns ``destination``."""
+    (or be empty) unless ``overwrite=True``, and must not be ``source``, inside it or contain it.
+    Written transactionally (``q4lab.formats.atomic.write_directory``, docs/data-safety.md): the
+    old model's files in ``destination`` are replaced, the user's other files kept, and on any
+    failure or kill it holds the old model or the new one. Returns ``destination``."""
     from ..nn import Q4Config
 
     cfg = Q4Config() if config is None else config
@@ -141,11 +139,9 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
     source, destination = Path(source), Path(destination)
     if not source.is_dir():
         raise FileNotFoundError(f"source {source} is not a directory")
-    if destination.resolve() == source.resolve():
-        raise ValueError("destination must differ from source")
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it")
+    check_separate(source, destination)
     max_bytes = parse_size(max_shard_size)
+    recover(source)
     entries, _ = inventory(source)
     hf_config = _config(source)
     model = empty_model(hf_config)
@@ -153,8 +149,7 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
     hf_config.architectures = [type(model).__name__]  # as save_pretrained of the loaded model
     hf_config.quantization_config = bnb_quantization_config(cfg.quant_type, cfg.double_quant,
                                                             compute_dtype, dense)
-    tmp = _tmp_dir(destination)
-    try:
+    with write_directory(destination, overwrite=overwrite, source=source) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         total = sum(e.nbytes for e in entries.values())
         with tqdm(total=total, desc="quantizing checkpoint", unit="B", unit_scale=True,
@@ -174,10 +169,6 @@ def quantize_checkpoint(source, destination, config=None, *, max_shard_size="5GB
         for p in sorted(source.iterdir()):
             if p.is_file() and p.name not in ("config.json", "model.safetensors.index.json",
                                               "generation_config.json") \
-                    and not p.name.endswith(_NOT_COPIED):
+                    and not p.name.endswith(_NOT_COPIED) and not is_temporary(p.name):
                 shutil.copy2(p, tmp / p.name)
-        commit_directory(tmp, destination, replace="replace" if overwrite else "error")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return destination

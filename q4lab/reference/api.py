@@ -59,6 +59,23 @@ def check_finite(flat: np.ndarray, blocksize: int) -> None:
         )
 
 
+def check_statistics(state: QuantState) -> None:
+    """The state's statistics must be numbers a quantizer could have written: absmax (plain or
+    nested) finite and >= 0, the double-quant offset finite. Else ValueError naming the first bad
+    block (docs/format.md §9: NaN or Inf is an error in every path), instead of NumPy's
+    RuntimeWarning and NaN output."""
+    parts = [("nested absmax", state.state2.absmax), ("offset", state.offset)] if state.nested \
+        else [("absmax", state.absmax)]
+    for what, values in parts:
+        v = np.asarray(values, dtype=F32).reshape(-1)
+        bad = ~np.isfinite(v) | ((v < 0) if what != "offset" else False)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"state {what} holds {float(v[i])!r} at index {i}: statistics must be "
+                             f"finite{' and >= 0' if what != 'offset' else ''}; the state is "
+                             f"corrupted, quantize the weight again")
+
+
 def as_float32(x, dtype: str | None = None) -> tuple[np.ndarray, str]:
     """Flatten row-major and convert to float32 exactly. Accepts float32/float16 arrays (and
     ml_dtypes bfloat16). ``dtype`` overrides the recorded original dtype (the torch front end passes
@@ -143,6 +160,7 @@ def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.nda
     """
     state = state.numpy()
     state.validate(packed)
+    check_statistics(state)
     dtype = _dtype_name(dtype or state.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .api import _dtype_name, round_to_bfloat16, state_absmax
+from .api import _dtype_name, check_statistics, round_to_bfloat16, state_absmax
 from .blockwise import unpack_nibbles
 from .codebooks import codebook
 
@@ -121,6 +121,7 @@ def matmul_4bit(x, packed, state, bias=None, dtype: str = "float32") -> np.ndarr
     even: ``dtype='float16'`` as float16, ``'bfloat16'`` as float32 holding bf16 values."""
     state = state.numpy()
     state.validate(packed)
+    check_statistics(state)
     if len(state.shape) != 2:
         raise ValueError(f"matmul_4bit needs a 2-D weight state, got shape {tuple(state.shape)}")
     n_rows, k = (int(d) for d in state.shape)
