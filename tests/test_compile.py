@@ -140,5 +140,8 @@ def test_the_fused_op_takes_the_bias_in_its_compute_dtype():
         assert byte_mismatch(widened, layer(x)) is None
         unrounded = torch.ops.q4lab.matmul_4bit(x, *args, layer.bias, "auto")
     assert byte_mismatch(widened, unrounded) is not None  # the rounding is visible in the output
+    for dtype in (F16, BF16):  # schema, fake (shapes for torch.compile) and autograd registration
+        torch.library.opcheck(torch.ops.q4lab.matmul_4bit.default,
+                              (x.to(dtype), *args, layer.bias.to(dtype), "auto"))
     with pytest.raises(RuntimeError, match="bias must be a contiguous 1-D float32, float16"):
         torch.ops.q4lab.matmul_4bit(x, *args, layer.bias.double(), "auto")
