@@ -5,9 +5,10 @@ tests/test_data_safety.py).
 Each round: the destination holds an old model (FP4, in shards) plus a file of the user's; the CLI
 quantizes the source into it with ``--overwrite`` and is killed after a random delay in
 [0, the last uninterrupted run's duration]. Checked: after SIGTERM no temporary is left at all;
-after either signal the destination, as q4lab sees it (``q4lab.formats.atomic.recover``, which every q4lab write and
-``from_pretrained`` run first), holds exactly the old or exactly the new model's files (sha256 of
-every file) and the user's file; a second run then writes the new model and leaves no temporary.
+after either signal the destination, as q4lab sees it (``q4lab.formats.atomic.recover``, which
+every q4lab write and ``from_pretrained`` run first), holds exactly the old or exactly the new
+model's files (sha256 of every file) and the user's file; a second run then writes the new model
+and leaves no temporary.
 Prints one line per round and a summary; writes bench/results/kill_test.json (machine facts from
 bench/_machine.py).
 
