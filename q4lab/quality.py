@@ -107,6 +107,7 @@ def linear_layers(model: nn.Module) -> list[dict]:
     or None), ``kind`` (the name after the depth, e.g. ``self_attn.q_proj``) and ``params``.
     The model must be float: a ``q4lab.Linear4bit`` in it is an error."""
     from . import Linear4bit
+    from .quantize import linear_layers as linear_layers_of
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -116,8 +117,8 @@ def linear_layers(model: nn.Module) -> list[dict]:
                          f"already 4-bit (first: {already[0]!r}); pass the unquantized model")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     rows = []
-    for name, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, nn.Linear) or not name:
+    for name, m in linear_layers_of(model).items():  # every name of a shared layer
+        if not isinstance(m, nn.Linear):
             continue
         parts = name.split(".")
         match = re.search(r"(?:^|\.)(\d+)\.", name)
