@@ -98,6 +98,17 @@ class Linear4bit(nn.Module):
         self.quant_storage = dtype
         self.packed = flat
 
+    def load_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Replace the weight by ``packed`` (any storage dtype: it becomes ``quant_storage``)
+        and ``state``, checked together before anything changes."""
+        old = self._parameters.get("packed"), self.__dict__.get("quant_storage")
+        self._set_packed(packed, state)
+        try:
+            self.quant_state = state
+        except (TypeError, ValueError):
+            self.packed, self.quant_storage = old
+            raise
+
     def __setattr__(self, name, value):
         if name == "packed" and isinstance(value, torch.Tensor) \
                 and not isinstance(value, nn.Parameter):
