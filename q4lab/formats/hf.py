@@ -348,6 +348,11 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
             packed, qstate, bias = parse_layer(state, prefix)
         except ValueError as exc:
             raise ValueError(f"{directory}: {exc}") from exc
+        if packed.dtype != storage_dtype(str(qc.get("bnb_4bit_quant_storage", "uint8"))):
+            raise ValueError(f"{directory}: config.json says bnb_4bit_quant_storage "
+                             f"{qc.get('bnb_4bit_quant_storage', 'uint8')!r} but {prefix}.weight "
+                             f"is stored as {str(packed.dtype).removeprefix('torch.')}; the "
+                             f"directory is inconsistent (fix quantization_config)")
         _module_for(model, prefix, qstate.shape, directory)
         model.set_submodule(prefix, Linear4bit(qstate.shape[1], qstate.shape[0], packed, qstate,
                                                bias, compute_dtype))
