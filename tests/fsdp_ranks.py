@@ -169,6 +169,23 @@ def check_shard(out):
                      "held_after_train": held_after_train,
                      "held_after_decode": held_after_decode, "fused": fused,
                      "local": local, "regathered": regathered, "loss": loss.item()}
+    # a layer so small that rank 1's shard of its codes is empty: it just works
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(2, 1)))
+    tiny_full = tiny[0].dequantized_weight()
+    qdist.shard_model(tiny, layers=[])
+    res["empty_shard_local_bytes"] = tiny[0]._parameters["packed"].to_local().numel()
+    x = torch.ones(3, 2, requires_grad=True)
+    tiny(x).sum().backward()
+    res["empty_shard_grad_ok"] = bool(torch.equal(x.grad, tiny_full.expand(3, 2)))
+    # a mesh that does not match the world is refused by name
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        qdist.shard_model(quantized(), mesh=init_device_mesh("cpu", (world, 1)))
+        res["mesh_error"] = ""
+    except ValueError as exc:
+        res["mesh_error"] = str(exc)
     # a float32 byte storage under a bf16 policy: FSDP casts it; q4lab must refuse, not decode
     model = quantized(quant_storage=torch.float32)
     qdist.shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))

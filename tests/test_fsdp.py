@@ -90,6 +90,14 @@ def test_no_gathered_bytes_survive_a_forward(sharded, case):
         assert set(r["held_after_decode"].values()) == {0}
 
 
+def test_an_empty_shard_and_a_wrong_mesh(sharded):
+    """A 1x2 layer packs into 1 byte: rank 1's shard is empty and forward/backward still work;
+    a 2-D mesh is refused with the mesh to build."""
+    assert [r["empty_shard_local_bytes"] for r in sharded] == [1, 0]
+    assert all(r["empty_shard_grad_ok"] for r in sharded)
+    assert all("does not match the 2 processes" in r["mesh_error"] for r in sharded)
+
+
 def test_a_policy_that_casts_float_storage_is_refused(sharded):
     for res in sharded:
         assert "MixedPrecisionPolicy" in res["cast_storage_error"]
