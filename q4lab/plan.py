@@ -13,7 +13,8 @@ and one layer is recomputed; the loss keeps bf16 logits, their float32 copy and 
 ``allocator_overhead`` (default 10 %) stands for the caching allocator's reserve over what is
 allocated (PyTorch reports *reserved* memory as the peak). Answer.AI's published FSDP-QLoRA runs
 (github.com/AnswerDotAI/fsdp_qlora, benchmarks_03_2024.md: 2 x 24 GB, bf16, LoRA r=64 on every
-linear layer, reentrant gradient checkpointing) are reproduced within ``MARGIN`` (tests/test_plan.py).
+linear layer, reentrant gradient checkpointing) are reproduced within ``MARGIN``
+(tests/test_plan.py).
 """
 from __future__ import annotations
 

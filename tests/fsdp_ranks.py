@@ -23,6 +23,8 @@ import q4lab
 from q4lab import distributed as qdist
 from q4lab.nn import Linear4bit
 
+#: "cpu" (gloo) or "cuda" (NCCL, one GPU per rank): Q4LAB_FSDP_DEVICE, set by the test
+DEVICE = os.environ.get("Q4LAB_FSDP_DEVICE", "cpu")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -53,7 +55,7 @@ def quantized(seed=0, lora=False, quant_storage=torch.uint8):
     if lora:
         torch.manual_seed(seed + 1)
         q4lab.add_lora(model, r=4, alpha=8, target_modules=TARGETS)
-    return model
+    return model.to(DEVICE)
 
 
 def layer_bytes(model):
@@ -139,6 +141,7 @@ def check_shard(out):
         handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                    if isinstance(m, Linear4bit)]
         ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(rank))
+        ids = ids.to(DEVICE)
         loss = model(input_ids=ids, labels=ids).loss
         if lora:
             loss.backward()
@@ -171,18 +174,18 @@ def check_shard(out):
                      "local": local, "regathered": regathered, "loss": loss.item()}
     # a layer so small that rank 1's shard of its codes is empty: it just works
     torch.manual_seed(0)
-    tiny = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(2, 1)))
+    tiny = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(2, 1))).to(DEVICE)
     tiny_full = tiny[0].dequantized_weight()
     qdist.shard_model(tiny, layers=[])
     res["empty_shard_local_bytes"] = tiny[0]._parameters["packed"].to_local().numel()
-    x = torch.ones(3, 2, requires_grad=True)
+    x = torch.ones(3, 2, requires_grad=True, device=DEVICE)
     tiny(x).sum().backward()
     res["empty_shard_grad_ok"] = bool(torch.equal(x.grad, tiny_full.expand(3, 2)))
     # a mesh that does not match the world is refused by name
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
-        qdist.shard_model(quantized(), mesh=init_device_mesh("cpu", (world, 1)))
+        qdist.shard_model(quantized(), mesh=init_device_mesh(DEVICE.split(":")[0], (world, 1)))
         res["mesh_error"] = ""
     except ValueError as exc:
         res["mesh_error"] = str(exc)
@@ -190,7 +193,7 @@ def check_shard(out):
     model = quantized(quant_storage=torch.float32)
     qdist.shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     try:
-        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=DEVICE))
         res["cast_storage_error"] = ""
     except RuntimeError as exc:
         res["cast_storage_error"] = str(exc)
@@ -204,7 +207,7 @@ def write(out, res):
 
 def batch(steps=4, rows=4, seq=16):
     g = torch.Generator().manual_seed(1234)
-    return [torch.randint(0, 96, (rows, seq), generator=g) for _ in range(steps)]
+    return [torch.randint(0, 96, (rows, seq), generator=g).to(DEVICE) for _ in range(steps)]
 
 
 def train(model, batches, rows: slice, opt=None, start=0, group=None):
@@ -287,7 +290,10 @@ def check_train(out):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        DEVICE = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if DEVICE.startswith("cuda") else "gloo")
     try:
         {"shard": check_shard, "train": check_train}[sys.argv[1]](sys.argv[2])
     finally:

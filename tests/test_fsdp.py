@@ -23,9 +23,9 @@ HERE = Path(__file__).resolve().parent
 WORLD = 2
 
 
-def launch(check: str, out: Path) -> list[dict]:
+def launch(check: str, out: Path, device: str = "cpu") -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1",
-           "TORCHELASTIC_ERROR_FILE": str(out / "error.json")}
+           "TORCHELASTIC_ERROR_FILE": str(out / "error.json"), "Q4LAB_FSDP_DEVICE": device}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
            "--standalone", str(HERE / "fsdp_ranks.py"), check, str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -174,3 +174,15 @@ def test_memory_by_part_of_an_unsharded_model_counts_real_bytes():
     model(torch.randn(3, 72)).sum().backward()
     opt.step()
     assert qdist.memory_by_part(model, opt)["optimizer"] == 2 * m["adapters"] + 2 * 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA GPUs (NCCL)")
+def test_nccl_on_gpus_shards_and_gathers_the_same_bytes(tmp_path):
+    """The sharding checks on 2 GPUs with NCCL: halves per rank, byte-equal gathers under the
+    bf16 policy, no gathered bytes held after forward."""
+    for res in launch("shard", tmp_path, device="cuda"):
+        for case in CASES:
+            r = res[case]
+            assert all(v[:2] == ["", ""] for v in r["forward"].values()), case
+            assert r["after"]["base_4bit"] <= r["before"]["base_4bit"] // WORLD + 16 * 14
+            assert set(r["held_after_train"].values()) == {0}
