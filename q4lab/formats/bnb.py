@@ -149,7 +149,7 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
                          f"the quant_storage dtype), got {getattr(raw, 'dtype', type(raw))}")
     want = storage.storage_numel((n + 1) // 2, raw.dtype)
     if raw.numel() != want or raw.dim() not in (1, 2) or (raw.dim() == 2 and raw.shape[1] != 1):
-        raise ValueError(f"{p}weight has shape {tuple(raw.shape)} ({raw.dtype}); a "
+        raise ValueError(f"{p}weight has shape {tuple(raw.shape)} and dtype {raw.dtype}; a "
                          f"{tuple(shape)} weight packs into {(n + 1) // 2} bytes = ({want}, 1) "
                          f"{str(raw.dtype).removeprefix('torch.')} values")
     nested = "nested_offset" in meta or (p + "weight.nested_absmax") in sd
