@@ -127,6 +127,33 @@ def gathered(model: nn.Module):
             m.reshard()
 
 
+def copy_gathered_layers(model: nn.Module, target: nn.Module) -> nn.Module:
+    """Within :func:`gathered`: give ``target`` (the same architecture, unsharded: float or
+    4-bit) every 4-bit layer of ``model`` with identical bytes (a LoRA base ``x.base`` goes to
+    ``x``), so ``q4lab.save_pretrained(target, ...)`` writes the consolidated 4-bit model.
+    ``model.state_dict()`` is not used: FSDP's state-dict hook re-registers the shards."""
+    from .quantize import set_submodule
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Linear4bit):
+            continue
+        packed, state = layer._weight()
+        copy = Linear4bit(layer.in_features, layer.out_features, packed.clone(),
+                          _cloned(state), None if layer.bias is None else _local(layer.bias),
+                          layer.compute_dtype)
+        set_submodule(target, name.removesuffix(".base"), copy)
+    return target
+
+
+def _cloned(state):
+    from dataclasses import replace
+
+    nested = None if state.state2 is None else replace(state.state2,
+                                                        absmax=state.state2.absmax.clone())
+    offset = None if state.offset is None else state.offset.clone()
+    return replace(state, absmax=state.absmax.clone(), offset=offset, state2=nested)
+
+
 def _state(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 

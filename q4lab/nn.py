@@ -130,8 +130,7 @@ class Linear4bit(nn.Module):
                 raise RuntimeError(
                     f"this Linear4bit's {name} is a {type(t).__name__} (sharded by FSDP's "
                     f"fully_shard): the whole 4-bit weight exists only while FSDP has gathered "
-                    f"it (inside forward, or after model.unshard()); "
-                    f"q4lab.distributed.full_state_dict(model) gathers a sharded model")
+                    f"it (inside forward, or within q4lab.distributed.gathered(model))")
         if stats.dtype != torch.uint8:
             raise RuntimeError(f"quant_stats became {stats.dtype}; it must stay uint8 bytes")
         if packed.dtype != self.quant_storage:

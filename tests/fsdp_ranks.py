@@ -260,15 +260,10 @@ def check_train(out):
         base_unchanged = {n: (differ(m.packed_bytes, full[n][0]),
                               differ(m._parameters["quant_stats"], full[n][1]))
                           for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-        if rank == 0:
-            from q4lab.lora import lora_layers
-
+        if rank == 0:  # every layer gathered (no state_dict call: FSDP's hook reshards)
             q4lab.save_adapters(model, os.path.join(out, "adapter"))
-            base_of = {n: m.base for n, m in lora_layers(model).items()}
-            plain = quantized(lora=False)
-            for n, b in base_of.items():  # the consolidated base: every layer gathered
-                mod = plain.get_submodule(n)
-                assert torch.equal(mod.packed_bytes, b.packed_bytes)
+            plain = tiny_llama()  # the same architecture, unsharded, float
+            qdist.copy_gathered_layers(model, plain)
             q4lab.save_pretrained(plain, os.path.join(out, "model4bit"))
     # resume from the step-2 checkpoint in a fresh sharded model and optimizer
     resumed = quantized(lora=True, seed=0)
