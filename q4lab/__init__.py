@@ -22,12 +22,13 @@ _LAZY = {
     "save_adapters": "formats.peft", "load_adapters": "formats.peft", "training_memory": "lora",
     "to_bnb_state_dict": "formats.bnb", "from_bnb_state_dict": "formats.bnb",
     "save_pretrained": "formats.hf", "from_pretrained": "formats.hf",
-    "quantize_checkpoint": "formats.stream",
+    "quantize_checkpoint": "formats.stream", "plan_qlora": "plan",
 }
 _SUBMODULES = ("reference", "widgets", "models", "testing", "ops", "nn", "report", "lora",
                "interop", "quantize", "files", "metrics", "matmul", "constants")
 _SUBMODULES += ("hf", "checkpoint", "stream")
 _SUBMODULES += ("quality", "formats")
+_SUBMODULES += ("storage", "distributed", "plan", "finetune")
 
 __all__ = ["QuantState", "bits_per_param", "storage_bytes", *_LAZY, *_SUBMODULES]
 

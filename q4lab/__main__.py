@@ -1,4 +1,5 @@
-"""Command line: ``python -m q4lab quantize SOURCE DESTINATION [options]``.
+"""Command line: ``python -m q4lab quantize SOURCE DESTINATION [options]``; and
+``torchrun --nproc-per-node N -m q4lab finetune MODEL TEXT OUT`` (q4lab/finetune.py).
 
 Streams a (sharded) safetensors transformers checkpoint into a transformers + bitsandbytes 4-bit
 directory with ``q4lab.quantize_checkpoint`` (q4lab/formats/stream.py); the options are the fields
@@ -59,6 +60,11 @@ def _error(command: str, exc: BaseException) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["finetune"]:  # torchrun ... -m q4lab finetune: q4lab/finetune.py
+        from .finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     args = _parser().parse_args(argv)
     from . import Q4Config, quantize_checkpoint
 

@@ -222,8 +222,11 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts: trainable (the adapters after add_lora), frozen, and 4-bit base
     elements (the weights stored in Linear4bit layers, which are buffers, not parameters)."""
+    from .nn import storage_parameter_ids
+
+    skip = storage_parameter_ids(model)  # the 4-bit bytes are counted as base_4bit elements
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in skip)
     base4 = sum(m.quant_state.numel for m in model.modules() if isinstance(m, Linear4bit))
     return {"trainable": trainable, "frozen": frozen, "base_4bit": base4,
             "total": trainable + frozen + base4}

@@ -121,7 +121,9 @@ def _model_counts(model: nn.Module, baseline_dtype) -> dict:
     base4 = sum(sum(storage_bytes(m.quant_state).values()) for m in quant4)
     base4_dense = sum(m.quant_state.numel * _BYTES[baseline_dtype or m.quant_state.dtype]
                       for m in quant4)
-    seen, frozen, trainable = set(), [], []
+    from .nn import storage_parameter_ids
+
+    seen, frozen, trainable = storage_parameter_ids(model), [], []  # 4-bit bytes: counted above
     for p in model.parameters():  # parameters() already skips tied duplicates
         if id(p) not in seen:
             seen.add(id(p))

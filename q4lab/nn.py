@@ -23,8 +23,9 @@ from torch import nn
 
 from . import matmul as fused_matmul
 from . import ops
+from . import storage
 from .reference.api import check_blocksize, check_quant_type
-from .state import QuantState, bits_per_param
+from .state import QuantState, storage_bytes_for
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -53,9 +54,14 @@ class Linear4bit(nn.Module):
     """A linear layer whose weight is stored as packed 4-bit codes plus a :class:`QuantState`.
 
     Computes in ``compute_dtype`` (input cast to it, output cast back to the input dtype).
-    ``packed`` is a uint8 buffer (in the state dict); ``quant_state`` is a plain attribute that
-    ``.to()`` moves with it. ``q4lab.save`` / ``q4lab.to_bnb_state_dict`` write both in
-    bitsandbytes' keys."""
+    Storage (q4lab/storage.py, docs/distributed.md): ``packed`` is a frozen 1-D ``nn.Parameter``
+    holding the ceil(n/2) code bytes in ``quant_storage`` (uint8 by default; bitsandbytes'
+    ``quant_storage``: the same bytes viewed as e.g. bf16); ``quant_stats`` is a frozen uint8
+    parameter holding absmax / nested absmax / offset as bytes. Being parameters, both are sharded
+    by ``torch.distributed.fsdp.fully_shard`` and never cast by a ``MixedPrecisionPolicy`` (bytes).
+    ``quant_state`` is a :class:`QuantState` whose tensors are views of ``quant_stats``; assigning
+    one copies its bytes in. The state dict holds ``packed`` (and ``bias``) as before;
+    ``q4lab.save`` / ``q4lab.to_bnb_state_dict`` write everything in bitsandbytes' keys."""
 
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor,
                  state: QuantState, bias: torch.Tensor | None = None,
@@ -67,26 +73,127 @@ class Linear4bit(nn.Module):
         if tuple(state.shape) != (out_features, in_features):
             raise ValueError(f"state shape {tuple(state.shape)} does not match a "
                              f"({out_features}, {in_features}) weight")
-        ops.check_state(packed, state)
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.register_buffer("packed", packed)
+        self._set_packed(packed, state)
         self.quant_state = state
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) \
             if bias is not None else None
 
+    def _set_packed(self, packed: torch.Tensor, state: QuantState) -> None:
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+        dtype = storage.storage_dtype(packed.dtype)
+        nbytes = -(-state.numel // 2)
+        want = storage.storage_numel(nbytes, dtype)
+        if packed.numel() != want or (packed.dim() == 2 and packed.shape[1] != 1) \
+                or packed.dim() > 2:
+            raise ValueError(f"packed has shape {tuple(packed.shape)} ({packed.dtype}); a "
+                             f"{tuple(state.shape)} weight packs into {nbytes} bytes = {want} "
+                             f"{str(dtype).removeprefix('torch.')} values, 1-D or ({want}, 1)")
+        flat = packed.detach().reshape(-1)
+        ops.check_state(storage.as_bytes(flat, nbytes), state)
+        if isinstance(packed, nn.Parameter) and packed.dim() == 1 and not packed.requires_grad:
+            flat = packed  # the same parameter (a weight shared by several layers stays shared)
+        self.quant_storage = dtype
+        self.packed = flat
+
+    def load_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Replace the weight by ``packed`` (any storage dtype: it becomes ``quant_storage``)
+        and ``state``, checked together before anything changes."""
+        old = self._parameters.get("packed"), self.__dict__.get("quant_storage")
+        self._set_packed(packed, state)
+        try:
+            self.quant_state = state
+        except (TypeError, ValueError):
+            self.packed, self.quant_storage = old
+            raise
+
+    def __setattr__(self, name, value):
+        if name == "packed" and isinstance(value, torch.Tensor) \
+                and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        super().__setattr__(name, value)
+
+    def _weight(self) -> tuple:
+        """(packed code bytes as 1-D uint8, QuantState whose tensors are views of
+        ``quant_stats``), built once per pair of registered parameters: FSDP registers its
+        gathered tensors and the pair is rebuilt from them (views: nothing is copied, and when
+        FSDP frees a gathered tensor's storage after forward, nothing here keeps it alive)."""
+        params = self._parameters
+        packed, stats = params["packed"], params["quant_stats"]
+        cached = self.__dict__.get("_weight_cache")
+        if cached is not None and cached[0] is packed and cached[1] is stats:
+            return cached[2], cached[3]
+        for name, t in (("packed", packed), ("quant_stats", stats)):
+            if type(t) not in (torch.Tensor, nn.Parameter):
+                raise RuntimeError(
+                    f"this Linear4bit's {name} is a {type(t).__name__} (sharded by FSDP's "
+                    f"fully_shard): the whole 4-bit weight exists only while FSDP has gathered "
+                    f"it (inside forward, or within q4lab.distributed.gathered(model))")
+        if stats.dtype != torch.uint8:
+            raise RuntimeError(f"quant_stats became {stats.dtype}; it must stay uint8 bytes")
+        if packed.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"packed is {packed.dtype} but this layer stores its 4-bit codes as "
+                f"{self.quant_storage}: something cast the bytes (FSDP's MixedPrecisionPolicy"
+                f"(param_dtype={packed.dtype}) casts float parameters); store them as uint8 "
+                f"(quant_storage=torch.uint8, the default) or in the policy's param_dtype")
+        template = self._state_template
+        packed_bytes = storage.as_bytes(packed, -(-template.numel // 2))
+        state = storage.state_from_bytes(template, stats)
+        state.__dict__["_stats_parameter"] = stats  # lets another layer share it (tied weights)
+        self.__dict__["_weight_cache"] = (packed, stats, packed_bytes, state)
+        return packed_bytes, state
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The :class:`QuantState`; its tensors are views of ``quant_stats`` (the same object
+        while the same parameters are registered)."""
+        return self._weight()[1]
+
+    @property
+    def packed_bytes(self) -> torch.Tensor:
+        """The ceil(n/2) packed code bytes as a 1-D uint8 tensor (``packed`` itself when stored
+        as uint8, else a view of it)."""
+        return self._weight()[0]
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState) -> None:
+        if not isinstance(state, QuantState):
+            raise TypeError(f"expected a q4lab QuantState, got {type(state).__name__}")
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"state shape {tuple(state.shape)} does not match this layer's "
+                             f"({self.out_features}, {self.in_features}) weight")
+        device = self._parameters["packed"].device
+        state = state if state.is_torch and state.absmax.device == device else state.to(device)
+        ops.check_state(storage.as_bytes(self._parameters["packed"], -(-state.numel // 2)), state)
+        self._state_template = storage.template_of(state)
+        self.__dict__.pop("_weight_cache", None)
+        shared = state.__dict__.get("_stats_parameter")
+        if shared is not None and shared.device == device:  # another layer's: share its bytes
+            self.quant_stats = shared
+            packed = self._parameters["packed"]
+            self.__dict__["_weight_cache"] = (packed, shared, storage.as_bytes(
+                packed, -(-state.numel // 2)), state)
+        else:
+            self.quant_stats = nn.Parameter(storage.stats_to_bytes(state), requires_grad=False)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, quant_type: str = "nf4",
                     double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                    backend: str = "auto") -> Linear4bit:
-        """Quantize an ``nn.Linear``'s weight (on its device) into a new ``Linear4bit``."""
+                    backend: str = "auto", quant_storage=torch.uint8) -> Linear4bit:
+        """Quantize an ``nn.Linear``'s weight (on its device) into a new ``Linear4bit``; the codes
+        are stored as ``quant_storage`` (uint8, or e.g. torch.bfloat16 as bitsandbytes does)."""
         w = linear.weight.detach()
         packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant, backend)
+        packed = storage.to_storage(packed, storage.storage_dtype(quant_storage))
         return cls(linear.in_features, linear.out_features, packed, state,
                    linear.bias, compute_dtype or w.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return ops.dequantize_4bit(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
+        return ops.dequantize_4bit(self.packed_bytes, self.quant_state,
+                                   dtype=dtype or self.compute_dtype)
 
     #: Which matmul ``forward`` runs: "auto" (the fused kernel when autograd is off, as in
     #: ``generate``, for inputs of at most ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native
@@ -112,9 +219,9 @@ class Linear4bit(nn.Module):
         ``quant_state`` is replaced by assignment (``.to()``, a new state); they are views, so a
         weight copied into those tensors in place is seen as well."""
         cached = self.__dict__.get("_kernel_args_cache")
-        if cached is None or cached[0] is not self.packed or cached[1] is not self.quant_state:
-            cached = (self.packed, self.quant_state,
-                      fused_matmul.kernel_args(self.packed, self.quant_state))
+        packed, state = self._weight()
+        if cached is None or cached[0] is not packed or cached[1] is not state:
+            cached = (packed, state, fused_matmul.kernel_args(packed, state))
             self.__dict__["_kernel_args_cache"] = cached
         return cached[2]
 
@@ -124,11 +231,11 @@ class Linear4bit(nn.Module):
         # paths (the fused op widens it itself): torch.compile keeps the rounding (format.md §15).
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x = x.to(self.compute_dtype)
+        packed, state = self._weight()
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
-            y = fused_matmul.linear_forward(x, self.packed, self.quant_state, bias,
-                                            self._kernel_args())
+            y = fused_matmul.linear_forward(x, packed, state, bias, self._kernel_args())
         else:                   # prefill / training: dequantize once, one float matmul
-            y = _DequantMatmul.apply(x, self.packed, self.quant_state, bias)
+            y = _DequantMatmul.apply(x, packed, state, bias)
         return y.to(in_dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -147,22 +254,62 @@ class Linear4bit(nn.Module):
                 f"into it; load 4-bit weights with q4lab.from_bnb_state_dict(model, "
                 f"q4lab.to_bnb_state_dict(source)) or q4lab.save / q4lab.load")
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        params = self._parameters
+        order = list(params)
+        stats = params.pop("quant_stats")  # not in the state dict: bitsandbytes' keys carry it
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        finally:
+            params["quant_stats"] = stats
+            for name in order:  # the original order, in place
+                params[name] = params.pop(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "quant_stats", None)
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        device = self.packed.device
-        if self.quant_state.absmax.device != device:
-            self.quant_state = self.quant_state.to(device)
+        """``.to()`` / ``.cuda()`` / ``.half()`` move the bytes but never convert them: a
+        ``packed`` stored as a float dtype is handed to ``fn`` as its uint8 view."""
+        packed = self._parameters["packed"]
+        as_float = packed.dtype != torch.uint8 and type(packed) in (torch.Tensor, nn.Parameter)
+        if as_float:
+            self._parameters["packed"] = nn.Parameter(packed.detach().view(torch.uint8),
+                                                      requires_grad=False)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if as_float:
+                moved = self._parameters["packed"].detach()
+                self._parameters["packed"] = nn.Parameter(moved.view(self.quant_storage),
+                                                          requires_grad=False)
+        for key in ("_weight_cache", "_kernel_args_cache"):  # .data may have been swapped
+            self.__dict__.pop(key, None)
+        device = self._parameters["packed"].device
+        t = self._state_template
+        if t.code.device != device:
+            self._state_template = storage.template_to(t, device)
         return self
 
     def extra_repr(self) -> str:
-        s = self.quant_state
+        s = self._state_template
         dq = ", double_quant" if s.nested else ""
+        bits = 8.0 * sum(storage_bytes_for(s.numel, s.blocksize, s.nested).values()) / s.numel
+        store = "" if self.quant_storage == torch.uint8 else f", quant_storage={self.quant_storage}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {s.quant_type}, blocksize={s.blocksize}{dq}, "
-                f"{bits_per_param(s):.3f} bits/param, compute_dtype={self.compute_dtype}")
+                f"{bits:.3f} bits/param, compute_dtype={self.compute_dtype}{store}")
+
+
+STORAGE_PARAMETERS = ("packed", "quant_stats")
+
+
+def storage_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that hold 4-bit bytes (``packed``, ``quant_stats`` of every
+    ``Linear4bit``): frozen bytes, not weights, which parameter counts leave out."""
+    return {id(m._parameters[n]) for m in model.modules() if isinstance(m, Linear4bit)
+            for n in STORAGE_PARAMETERS}
 
 
 # ---- how to quantize a model --------------------------------------------------------------------

@@ -153,7 +153,9 @@ def select_layers(rows: list[dict], layers: str = "all", lm_head: bool = False) 
 
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, each distinct tensor once (a tied lm_head is not counted twice)."""
-    seen, total = set(), 0
+    from .nn import storage_parameter_ids
+
+    seen, total = storage_parameter_ids(model), 0  # 4-bit bytes are not float parameters
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))

@@ -142,16 +142,14 @@ def _total(rows: list) -> dict:
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes the model holds now: every distinct parameter and buffer once (tied weights once),
-    plus each 4-bit layer's absmax / nested absmax / offset (packed bytes are a buffer)."""
+    4-bit layers included: their packed codes and statistics are parameters (q4lab/storage.py)."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         key = (t.data_ptr(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    states = {id(m.quant_state): m.quant_state for m in model.modules()
-              if isinstance(m, Linear4bit)}
-    return total + sum(sum(s.nbytes().values()) for s in states.values())
+    return total
 
 
 def _reference_name(name: str, refs: dict) -> str | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops
+from .. import ops, storage
 from .. import reference as ref
 from ..constants import BNB_QUANT_TYPES, CODES, DYNAMIC_CODES, NESTED_BLOCKSIZE, NESTED_DTYPE, \
     NESTED_QUANT_TYPE
@@ -124,8 +124,9 @@ def _check_table(key: str, got: torch.Tensor, want: np.ndarray) -> None:
 
 
 def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.Tensor | None]:
-    """``(packed 1-D uint8, QuantState, bias or None)`` for the bnb entries of layer ``prefix``
-    ("" for a bare layer dict); raises ValueError naming the first problem."""
+    """``(packed 1-D, QuantState, bias or None)`` for the bnb entries of layer ``prefix``
+    ("" for a bare layer dict); ``packed`` keeps the file's storage dtype (uint8, or the bytes
+    viewed as bf16 etc.: bitsandbytes' ``quant_storage``). ValueError names the first problem."""
     p = f"{prefix}." if prefix else ""
     qs_keys = [k for k in sd if k.startswith(p + _QS) and "." not in k[len(p + _QS):]]
     if len(qs_keys) != 1:
@@ -145,12 +146,15 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
             isinstance(v, int) and v > 0 for v in shape)):
         raise ValueError(f"{qs_keys[0]!r}: shape {shape!r} is not a 2-D weight shape")
     n = shape[0] * shape[1]
-    raw = _tensor(sd, p + "weight", torch.uint8)
-    if raw.numel() != (n + 1) // 2 or raw.dim() not in (1, 2) or (
-            raw.dim() == 2 and raw.shape[1] != 1):
-        raise ValueError(f"{p}weight has shape {tuple(raw.shape)}; a {tuple(shape)} weight packs "
-                         f"into ({(n + 1) // 2}, 1) uint8 (quant_storage other than uint8 is not "
-                         f"supported)")
+    raw = sd.get(p + "weight")
+    if not isinstance(raw, torch.Tensor) or raw.dtype in (torch.bool,) or raw.is_complex():
+        raise ValueError(f"{p}weight must be a tensor of packed 4-bit bytes (uint8, or viewed as "
+                         f"the quant_storage dtype), got {getattr(raw, 'dtype', type(raw))}")
+    want = storage.storage_numel((n + 1) // 2, raw.dtype)
+    if raw.numel() != want or raw.dim() not in (1, 2) or (raw.dim() == 2 and raw.shape[1] != 1):
+        raise ValueError(f"{p}weight has shape {tuple(raw.shape)} and dtype {raw.dtype}; a "
+                         f"{tuple(shape)} weight packs into {(n + 1) // 2} bytes = ({want}, 1) "
+                         f"{str(raw.dtype).removeprefix('torch.')} values")
     nested = "nested_offset" in meta or (p + "weight.nested_absmax") in sd
     bs = _blocksize(meta["blocksize"], qs_keys[0])
     nblocks = -(-n // bs)
@@ -166,7 +170,7 @@ def parse_layer(sd: dict, prefix: str) -> tuple[torch.Tensor, QuantState, torch.
     else:
         _check_statistic(p + "weight.absmax", absmax)
     try:
-        ops.check_state(raw.reshape(-1), state)
+        ops.check_state(storage.as_bytes(raw.reshape(-1), (n + 1) // 2), state)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"layer {prefix!r}: {exc}") from exc
     bias = sd.get(p + "bias")
@@ -316,8 +320,7 @@ def _plan_copies(model, sd, layers: set, used: set, strict: bool) -> list:
 
 def _apply_layer(model, prefix, module, packed, state, bias, compute_dtype):
     if isinstance(module, Linear4bit):
-        module.packed = packed
-        module.quant_state = state
+        module.load_quantized(packed, state)
         if bias is not None:
             with torch.no_grad():
                 module.bias.copy_(bias)

@@ -35,13 +35,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..storage import storage_dtype
+
 _QS = ".weight.quant_state.bitsandbytes__"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 # ---- the quantization_config transformers reads --------------------------------------------------
 def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
-                            skip_modules) -> dict:
+                            skip_modules, quant_storage: str = "uint8") -> dict:
     """``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` as transformers 5.24 writes it into
     ``config.json`` (same keys, same values; the test suite compares it with the real one)."""
     if quant_type not in ("nf4", "fp4"):
@@ -49,7 +51,7 @@ def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: 
                          f"nf4 and fp4); re-quantize with quant_type='nf4' to save")
     return {"_load_in_4bit": True, "_load_in_8bit": False,
             "bnb_4bit_compute_dtype": _DTYPE_NAMES[compute_dtype],
-            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_quant_storage": quant_storage, "bnb_4bit_quant_type": quant_type,
             "bnb_4bit_use_double_quant": bool(double_quant),
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": sorted(skip_modules), "llm_int8_threshold": 6.0,
@@ -58,7 +60,9 @@ def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: 
 
 def check_quantization_config(qc, where) -> dict:
     """The ``quantization_config`` of a checkpoint q4lab can open, or ValueError naming what is not
-    supported (no quantization, another method, 8-bit, a storage dtype other than uint8)."""
+    supported (no quantization, another method, 8-bit, a storage dtype that is not a torch
+    dtype). ``bnb_4bit_quant_storage`` other than uint8 (FSDP-QLoRA checkpoints: the packed
+    bytes viewed as e.g. bfloat16, shape (n/4, 1)) is read byte for byte."""
     if qc is None:
         raise ValueError(f"{where}: config.json has no quantization_config, so this is not a "
                          f"4-bit checkpoint; load it with transformers and quantize it with "
@@ -78,9 +82,11 @@ def check_quantization_config(qc, where) -> dict:
         raise ValueError(f"{where}: quantization_config has neither load_in_4bit nor "
                          f"load_in_8bit set; not a bitsandbytes 4-bit checkpoint")
     storage = qc.get("bnb_4bit_quant_storage", "uint8")
-    if storage != "uint8":
-        raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported (q4lab "
-                         f"reads 4-bit codes packed in uint8, bitsandbytes' default)")
+    try:
+        storage_dtype(str(storage))
+    except TypeError as exc:
+        raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not a torch dtype "
+                         f"that can hold packed 4-bit bytes ({exc})") from exc
     return qc
 
 
@@ -216,7 +222,9 @@ def _quant_config_of(quant: dict, dense: list) -> dict:
     return bnb_quantization_config(
         _one({n: s.quant_type for n, s in states.items()}, "quant types"),
         _one({n: s.nested for n, s in states.items()}, "double-quant settings"),
-        _one({n: m.compute_dtype for n, m in quant.items()}, "compute dtypes"), dense)
+        _one({n: m.compute_dtype for n, m in quant.items()}, "compute dtypes"), dense,
+        str(_one({n: m.quant_storage for n, m in quant.items()}, "storage dtypes"))
+        .removeprefix("torch."))
 
 
 def _dedupe_tied(model: nn.Module, state: dict) -> dict:
@@ -369,6 +377,11 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
             packed, qstate, bias = parse_layer(state, prefix)
         except ValueError as exc:
             raise ValueError(f"{directory}: {exc}") from exc
+        if packed.dtype != storage_dtype(str(qc.get("bnb_4bit_quant_storage", "uint8"))):
+            raise ValueError(f"{directory}: config.json says bnb_4bit_quant_storage "
+                             f"{qc.get('bnb_4bit_quant_storage', 'uint8')!r} but {prefix}.weight "
+                             f"is stored as {str(packed.dtype).removeprefix('torch.')}; the "
+                             f"directory is inconsistent (fix quantization_config)")
         _module_for(model, prefix, qstate.shape, directory)
         model.set_submodule(prefix, Linear4bit(qstate.shape[1], qstate.shape[0], packed, qstate,
                                                bias, compute_dtype))
