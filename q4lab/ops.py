@@ -166,14 +166,45 @@ def quantize_4bit(w: torch.Tensor, blocksize: int | None = None, quant_type: str
 
 
 def _block_format_quantize(w, quant_type, blocksize, tensor_scale, which, dtype):
-    """quantize_4bit for the "mx" / "gguf" families: the NumPy reference on the host (the C++
-    kernels, when built, give the same bytes: tests/test_formats_kernels.py)."""
-    array = w.detach().to("cpu", torch.float32).numpy()
-    packed, state = ref.quantize_4bit(array, blocksize, quant_type, False, dtype=dtype,
-                                      tensor_scale=tensor_scale)
-    state = state.to(w.device)
+    """quantize_4bit for the "mx" / "gguf" families: the NumPy reference on the host, or the
+    C++ / CUDA kernels (``_format_kernels``: the same bytes, tests/test_formats_kernels.py).
+    Every check with a message is the reference's, so both paths refuse alike."""
+    if which == "reference":
+        array = w.detach().to("cpu", torch.float32).numpy()
+        packed, state = ref.quantize_4bit(array, blocksize, quant_type, False, dtype=dtype,
+                                          tensor_scale=tensor_scale)
+        state = state.to(w.device)
+        state.code = _table(quant_type, w.device)
+        return torch.from_numpy(packed).to(w.device), state
+    from . import _format_kernels
+
+    block_formats.check_rows(tuple(w.shape), blocksize, quant_type)
+    flat = w.detach().contiguous().reshape(-1).float()
+    if not bool(torch.isfinite(flat).all()):
+        ref.quantize_4bit(flat.cpu().numpy(), blocksize, quant_type, False)  # raises, names it
+    qt = quant_types.get(quant_type)
+    if qt.tensor_scale and isinstance(tensor_scale, str) and tensor_scale == "auto":
+        amax = flat.abs().max()
+        tensor_scale = 1.0 if float(amax) == 0 else float(amax / 2688.0)
+    g = block_formats.check_tensor_scale(tensor_scale, None, qt)
+    g_t = None if g is None else torch.tensor(g, dtype=torch.float32, device=w.device)
+    packed, scales = _format_kernels.formats_quantize(flat, quant_type, g_t)
+    if qt.family == "gguf":
+        _check_gguf_scales(packed, qt, flat)
+    state = block_formats.make_state(tuple(w.shape), dtype, quant_type).to(w.device)
+    state.absmax = scales if qt.family == "mx" else None
+    state.tensor_scale = g_t
     state.code = _table(quant_type, w.device)
-    return torch.from_numpy(packed).to(w.device), state
+    return packed, state
+
+
+def _check_gguf_scales(packed, qt, flat) -> None:
+    """fp16 scales that overflowed to inf: refuse with the reference's message."""
+    halves = packed.reshape(-1, qt.block_bytes)[:, :4 if qt.name == "q4_1" else 2]
+    as_f16 = halves.contiguous().view(torch.float16)
+    if bool(torch.isinf(as_f16).any()):
+        ref.quantize_4bit(flat.cpu().numpy(), qt.default_blocksize, qt.name, False)
+        raise AssertionError("kernel and reference disagree on an fp16 overflow")
 
 
 def absmax_of(state: QuantState, backend: str = "auto") -> torch.Tensor:
@@ -222,7 +253,14 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None,
     check_state(packed, state)
     dtype = _output_dtype(dtype or str(state.dtype))
     which = resolve_backend(backend, packed.device)
-    if which == "reference" or state.family != "bnb":
+    if state.family != "bnb" and which != "reference":
+        from . import _format_kernels
+
+        out = _format_kernels.formats_dequantize(packed.reshape(-1), state.absmax,
+                                                 state.quant_type, state.tensor_scale,
+                                                 state.numel)
+        return out.reshape(state.shape).to(dtype)
+    if which == "reference":
         out = ref.dequantize_4bit(packed.cpu().numpy(), state.numpy(), "float32")
         return torch.from_numpy(out).to(packed.device).to(dtype)  # float32 -> RNE fp16/bf16
     absmax = absmax_of(state, which)

@@ -154,3 +154,26 @@ def test_output_dtypes_and_bf16_input():
         assert out.dtype == torch.bfloat16
         f32 = q4lab.dequantize_4bit(packed, state, torch.float32)
         assert torch.equal(out, f32.bfloat16())
+
+
+def test_block_min_max_is_numpys_reduction_order():
+    """Q4_1's min / max with signed zeros: the written rule equals NumPy's own reduction here
+    (the anchor calls ``blocks.min(axis=-1)``); a first-wins rule would not."""
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal((4000, 32))).astype(np.float32)
+    zeros = rng.random(x.shape) < rng.random((4000, 1))
+    x[zeros] = np.where(rng.random(int(zeros.sum())) < 0.5, 0.0, -0.0)
+    x[::2] *= -1
+    for want_max, numpy_op in ((False, x.min), (True, x.max)):
+        ours = gguf_quants.block_min_max(x, want_max)
+        assert np.array_equal(ours.view(np.uint32), numpy_op(axis=1).view(np.uint32))
+    first_wins = np.array([min(r, key=lambda v: (v, 0)) for r in x[:200]], np.float32)
+    assert not np.array_equal(first_wins.view(np.uint32), x[:200].min(axis=1).view(np.uint32))
+
+
+def test_u8_code_matches_numpys_cast():
+    v = np.array([-1.5, -0.5, 0.2, 14.9, 15.5, 300.7, np.inf, -np.inf, np.nan, 3e9],
+                 np.float32)
+    with np.errstate(invalid="ignore"):
+        numpy_way = np.trunc(v).astype(np.uint8).clip(0, 15)
+    assert gguf_quants.u8_code(v).tolist() == numpy_way.tolist()

@@ -12,12 +12,17 @@ refuses: see ``check_fp16``). Every rounding rule:
 Q4_0 (18 bytes per 32 values: fp16 d, 16 bytes of codes):
   m = the element of largest magnitude, with its sign (the first one on a tie);
   d = RN(m / -8) in float32; id = 0 if d == 0 else RN(1 / d);
-  q = min(15, trunc(RN(RN(x * id) + 8.5))) (float32, two roundings, never an FMA);
+  q = min(15, u8(trunc(RN(RN(x * id) + 8.5)))) (float32, two roundings, never an FMA), where
+  u8 is x86's float -> int32 -> low byte conversion that NumPy's ``astype(np.uint8)`` performs
+  (a non-finite or out-of-range value gives 0, -1 gives 255). It only matters when 1 / d
+  overflows or loses precision (|m| < 2^-122); fp16(d) is then 0 and the block decodes to 0.
   stored d = fp16(d). The codes were chosen with the float32 d, decoding uses the fp16 d.
   Dequantize: RN(fp16 d * (q - 8)) in float32.
 Q4_1 (20 bytes: fp16 d, fp16 min, 16 bytes of codes):
   lo, hi = min, max of the block; d = RN(RN(hi - lo) / 15); id = 0 if d == 0 else RN(1 / d);
-  q = min(15, trunc(RN(RN(RN(x - lo) * id) + 0.5))); stored fp16(d), fp16(lo).
+  q = min(15, u8(trunc(RN(RN(RN(x - lo) * id) + 0.5)))); stored fp16(d), fp16(lo).
+  Which zero is the min (or max) of a block holding both +0.0 and -0.0 is decided by the order
+  of NumPy's AVX2 reduction (``simd_reduce_c_min_f32``): see ``block_min_max``.
   Dequantize: RN(RN(d * q) + lo) in float32 (fp16 d and lo, two roundings).
 Q4_K (144 bytes per 256 values: fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc_i and mins m_i
   for the eight 32-value sub-blocks, 128 bytes of codes; each 64-value pair of sub-blocks shares
@@ -80,6 +85,38 @@ def _fp16(blocks: np.ndarray, first: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, first:first + 2]).view(F16).astype(F32).reshape(-1)
 
 
+def u8_code(v: np.ndarray) -> np.ndarray:
+    """min(15, low byte of int32(trunc(v))), 0 for non-finite or out-of-int32-range v (the x86
+    conversion behind NumPy's ``astype(np.uint8)`` in gguf-py)."""
+    t = np.trunc(np.asarray(v, dtype=F32))
+    ok = np.isfinite(t) & (t >= F32(-2.0**31)) & (t < F32(2.0**31))
+    low = np.where(ok, t, F32(0)).astype(np.int64) & 0xFF
+    return np.minimum(low, 15).astype(U8)
+
+
+def _lanes_op(a, b, want_max: bool):
+    """_mm256_min_ps / max_ps: a if a < b (a > b) else b, so on equality (+0 vs -0) b wins."""
+    return np.where(a > b, a, b) if want_max else np.where(a < b, a, b)
+
+
+def block_min_max(blocks: np.ndarray, want_max: bool) -> np.ndarray:
+    """The min (or max) of each 32-value block in NumPy's AVX2 reduction order, which fixes the
+    sign of a zero result: acc = 8 copies of x0; acc = op(acc, x[1 + 8k : 9 + 8k]) for k = 0..2;
+    a tree over lanes (4 | 4, then 2 | 2, then 1 | 1); then x[25..31] one by one; every op keeps
+    its first operand only when strictly smaller (larger). Equals ``blocks.min(axis=1)`` on
+    AVX2 machines for every input (``tests/test_formats_landscape.py``)."""
+    x = np.asarray(blocks, dtype=F32)
+    acc = np.repeat(x[:, :1], 8, axis=1)
+    for k in range(3):
+        acc = _lanes_op(acc, x[:, 1 + 8 * k: 9 + 8 * k], want_max)
+    acc = _lanes_op(acc[:, :4], acc[:, 4:], want_max)
+    acc = _lanes_op(acc[:, :2], acc[:, 2:], want_max)
+    result = _lanes_op(acc[:, 0], acc[:, 1], want_max)
+    for i in range(25, 32):
+        result = _lanes_op(result, x[:, i], want_max)
+    return result.astype(F32)
+
+
 def q4_0_quantize(blocks: np.ndarray) -> np.ndarray:
     """(nblocks, 32) float32 -> (nblocks, 18) uint8 Q4_0 blocks."""
     blocks = np.asarray(blocks, dtype=F32)
@@ -87,26 +124,26 @@ def q4_0_quantize(blocks: np.ndarray) -> np.ndarray:
     signed_max = blocks[np.arange(blocks.shape[0]), idx]
     d = (signed_max / F32(-8)).astype(F32)
     check_fp16(d, "d = max / -8", "q4_0")
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
-    scaled = ((blocks * inv[:, None]).astype(F32) + F32(8.5)).astype(F32)
-    codes = np.minimum(np.trunc(scaled), F32(15)).astype(U8)
+        scaled = ((blocks * inv[:, None]).astype(F32) + F32(8.5)).astype(F32)
+    codes = u8_code(scaled)
     return np.concatenate([_fp16_bytes(d), pack_pairs(codes)], axis=1)
 
 
 def q4_1_quantize(blocks: np.ndarray) -> np.ndarray:
     """(nblocks, 32) float32 -> (nblocks, 20) uint8 Q4_1 blocks."""
     blocks = np.asarray(blocks, dtype=F32)
-    hi, lo = blocks.max(axis=1), blocks.min(axis=1)
+    hi, lo = block_min_max(blocks, True), block_min_max(blocks, False)
     with np.errstate(over="ignore"):
         d = ((hi - lo).astype(F32) / F32(15)).astype(F32)
     check_fp16(d, "d = (max - min) / 15", "q4_1")
     check_fp16(lo, "min", "q4_1")
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
-    shifted = (blocks - lo[:, None]).astype(F32)
-    scaled = ((shifted * inv[:, None]).astype(F32) + F32(0.5)).astype(F32)
-    codes = np.minimum(np.trunc(scaled), F32(15)).astype(U8)
+        shifted = (blocks - lo[:, None]).astype(F32)
+        scaled = ((shifted * inv[:, None]).astype(F32) + F32(0.5)).astype(F32)
+    codes = u8_code(scaled)
     return np.concatenate([_fp16_bytes(d), _fp16_bytes(lo), pack_pairs(codes)], axis=1)
 
 
