@@ -75,3 +75,23 @@ def test_e2m1_ties_and_e4m3_scales_on_every_value():
         pr, sr = q4lab.quantize_4bit(t, quant_type="nvfp4", backend="reference", tensor_scale=g)
         pc, sc = q4lab.quantize_4bit(t, quant_type="nvfp4", backend="cpu", tensor_scale=g)
         assert torch.equal(pr, pc) and torch.equal(sr.absmax, sc.absmax)
+
+
+@pytest.mark.parametrize("quant_type", fp.QUANTIZED + fp.DEQUANT_ONLY)
+def test_opcheck_formats_ops(quant_type):
+    """Schema, fake kernel and dispatch of formats_quantize / formats_dequantize."""
+    from q4lab import _format_kernels
+
+    _format_kernels.register_fakes()
+    q = torch.ops.q4lab
+    g = torch.tensor(0.01) if quant_type == "nvfp4" else None
+    if quant_type in fp.QUANTIZED:
+        x = torch.randn(128)
+        torch.library.opcheck(q.formats_quantize.default, (x, quant_type, g))
+        packed, scales = q.formats_quantize(x, quant_type, g)
+    else:
+        nbytes = {"q4_k": 144, "iq4_nl": 18}[quant_type]
+        packed = torch.zeros(2 * nbytes, dtype=torch.uint8)
+        scales = torch.empty(0, dtype=torch.uint8)
+    n = 512 if quant_type == "q4_k" else (64 if quant_type == "iq4_nl" else 128)
+    torch.library.opcheck(q.formats_dequantize.default, (packed, scales, quant_type, g, n))
