@@ -6,7 +6,10 @@ Argument checks happen here once, for every backend; then the work goes to
   wrapped by ``_kernels``), which reproduce the reference bit for bit.
 "auto" picks CUDA for CUDA tensors and the C++ kernel for CPU tensors, and falls back to the
 reference with one warning if the kernels cannot be built. Storage is bitsandbytes' layout
-(``functional.py::quantize_4bit``): packed uint8 (ceil(n/2),), high nibble first.
+(``functional.py::quantize_4bit``): packed uint8 (ceil(n/2),), high nibble first. The other
+formats of ``q4lab.quant_types`` (MXFP4, NVFP4, Q4_0, Q4_1; dequantize-only Q4_K, IQ4_NL) keep
+their own layouts (``q4lab.reference.block_formats``, docs/formats.md) and go to
+``_block_format_kernels`` (the same backends).
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import warnings
 
 import torch
 
+from . import quant_types
 from . import reference as ref
 from .constants import DTYPES, NESTED_QUANT_TYPE
-from .reference.api import check_blocksize, check_offset, check_quant_type
+from .reference import block_formats
+from .reference.api import check_format_args, check_offset
 from .state import QuantState, nested_state
 
 #: torch dtype -> name and back, for the dtypes of ``constants.DTYPES`` (the one torch-side map).
@@ -104,23 +109,36 @@ def _table(name: str, device) -> torch.Tensor:
     ``name`` is a quant type or ``"dynamic"`` (the nested map)."""
     key = (name, str(device))
     if key not in _TABLES:
-        values = ref.dynamic_map() if name == NESTED_QUANT_TYPE else ref.codebook(name)
+        if name == NESTED_QUANT_TYPE:
+            values = ref.dynamic_map()
+        elif quant_types.family(name) == "bnb":
+            values = ref.codebook(name)
+        else:
+            values = block_formats.make_state((2 * 256,), "float32", name).code
         _TABLES[key] = torch.from_numpy(values).to(device)
     return _TABLES[key]
 
 
-def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = True, backend: str = "auto", offset=None):
+def quantize_4bit(w: torch.Tensor, blocksize: int | None = None, quant_type: str = "nf4",
+                  double_quant: bool | None = None, backend: str = "auto", offset=None,
+                  tensor_scale="auto"):
     """Quantize a tensor to 4 bits. Returns ``(packed, state)``: packed uint8 of length
     ceil(n/2) on ``w``'s device, and a :class:`QuantState` with torch tensors on that device.
     ``offset`` (double quant only) replaces the computed mean of the absmax values, e.g. a
-    bitsandbytes checkpoint's ``nested_offset``."""
+    bitsandbytes checkpoint's ``nested_offset``.
+
+    ``quant_type``: "nf4" (default), "fp4", "int4" (blocksize default 64, double_quant default
+    True), or "mxfp4" (block 32), "nvfp4" (block 16; ``tensor_scale`` "auto" / None / a
+    number), "q4_0", "q4_1" (block 32): blocks along each row, in the format's own layout
+    (docs/formats.md); a blocksize other than the format's own is a ValueError."""
     _check_input(w)
-    blocksize = check_blocksize(blocksize)
-    check_quant_type(quant_type)
+    quant_type, blocksize, double_quant = check_format_args(quant_type, blocksize,
+                                                            double_quant)
     offset = check_offset(offset, double_quant)
     which = resolve_backend(backend, w.device)
     dtype = TORCH_DTYPES[w.dtype]
+    if quant_types.family(quant_type) != "bnb":
+        return _block_format_quantize(w, quant_type, blocksize, tensor_scale, which, dtype)
     if which == "reference":
         flat = w.detach().reshape(-1).to("cpu", torch.float32).numpy()
         packed, state = ref.quantize_4bit(flat, blocksize, quant_type, double_quant,
@@ -146,6 +164,48 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return packed, state
 
 
+def _block_format_quantize(w, quant_type, blocksize, tensor_scale, which, dtype):
+    """quantize_4bit for the "mx" / "gguf" families: the NumPy reference on the host, or the
+    C++ / CUDA kernels (``_format_kernels``: the same bytes, tests/test_formats_kernels.py).
+    Every check with a message is the reference's, so both paths refuse alike."""
+    if which == "reference":
+        array = w.detach().to("cpu", torch.float32).numpy()
+        packed, state = ref.quantize_4bit(array, blocksize, quant_type, False, dtype=dtype,
+                                          tensor_scale=tensor_scale)
+        state = state.to(w.device)
+        state.code = _table(quant_type, w.device)
+        return torch.from_numpy(packed).to(w.device), state
+    from . import _format_kernels
+
+    block_formats.check_rows(tuple(w.shape), blocksize, quant_type)
+    flat = w.detach().contiguous().reshape(-1).float()
+    if not bool(torch.isfinite(flat).all()):
+        ref.quantize_4bit(flat.cpu().numpy(), blocksize, quant_type, False)  # raises, names it
+    qt = quant_types.get(quant_type)
+    if qt.tensor_scale and isinstance(tensor_scale, str) and tensor_scale == "auto":
+        amax = flat.abs().max()
+        tensor_scale = 1.0 if float(amax) == 0 else float(amax / 2688.0)
+    g = block_formats.check_tensor_scale(tensor_scale, None, qt)
+    g_t = None if g is None else torch.tensor(g, dtype=torch.float32, device=w.device)
+    packed, scales = _format_kernels.formats_quantize(flat, quant_type, g_t)
+    if qt.family == "gguf":
+        _check_gguf_scales(packed, qt, flat)
+    state = block_formats.make_state(tuple(w.shape), dtype, quant_type).to(w.device)
+    state.absmax = scales if qt.family == "mx" else None
+    state.tensor_scale = g_t
+    state.code = _table(quant_type, w.device)
+    return packed, state
+
+
+def _check_gguf_scales(packed, qt, flat) -> None:
+    """fp16 scales that overflowed to inf: refuse with the reference's message."""
+    halves = packed.reshape(-1, qt.block_bytes)[:, :4 if qt.name == "q4_1" else 2]
+    as_f16 = halves.contiguous().view(torch.float16)
+    if bool(torch.isinf(as_f16).any()):
+        ref.quantize_4bit(flat.cpu().numpy(), qt.default_blocksize, qt.name, False)
+        raise AssertionError("kernel and reference disagree on an fp16 overflow")
+
+
 def absmax_of(state: QuantState, backend: str = "auto") -> torch.Tensor:
     """The float32 absmax per block of a torch state (decoded from nested codes if needed)."""
     if not state.nested:
@@ -166,7 +226,8 @@ def check_state(packed: torch.Tensor, state: QuantState) -> None:
         raise TypeError(f"packed data must be a uint8 tensor, got "
                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
     state.validate(packed)
-    tensors = [state.absmax] + ([state.state2.absmax, state.offset] if state.nested else [])
+    tensors = [state.absmax, state.tensor_scale]
+    tensors += [state.state2.absmax, state.offset] if state.nested else []
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device != packed.device:
             raise ValueError(f"state tensors are on {t.device} but packed data is on "
@@ -191,6 +252,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype=None,
     check_state(packed, state)
     dtype = _output_dtype(dtype or str(state.dtype))
     which = resolve_backend(backend, packed.device)
+    if state.family != "bnb" and which != "reference":
+        from . import _format_kernels
+
+        out = _format_kernels.formats_dequantize(packed.reshape(-1), state.absmax,
+                                                 state.quant_type, state.tensor_scale,
+                                                 state.numel)
+        return out.reshape(state.shape).to(dtype)
     if which == "reference":
         out = ref.dequantize_4bit(packed.cpu().numpy(), state.numpy(), "float32")
         return torch.from_numpy(out).to(packed.device).to(dtype)  # float32 -> RNE fp16/bf16

@@ -3,14 +3,17 @@
 Mirrors bitsandbytes ``functional.py::quantize_4bit`` / ``dequantize_4bit`` (same outputs, same
 QuantState fields), with q4lab's exact rounding rules (docs/format.md; see ``blockwise`` and
 ``double_quant`` for each step). Input checks live here too, so every backend rejects the same
-inputs with the same messages.
+inputs with the same messages. The other formats of ``q4lab.quant_types`` (MXFP4, NVFP4, GGUF's
+Q4_0 / Q4_1, dequantize-only Q4_K / IQ4_NL) go to ``block_formats`` (docs/formats.md).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import quant_types
 from ..constants import BLOCKSIZES, DTYPES, QUANT_TYPES
 from ..state import QuantState, nested_state
+from . import block_formats
 from .blockwise import decode, quantize_blocks, unpack_nibbles
 from .codebooks import codebook, dynamic_map
 from .double_quant import dequantize_absmax, quantize_absmax
@@ -26,9 +29,35 @@ def check_blocksize(blocksize) -> int:
 
 
 def check_quant_type(quant_type) -> str:
+    """One of the absmax-codebook formats ``constants.QUANT_TYPES`` (what ``Linear4bit`` and
+    the bitsandbytes layout hold); the other formats of ``q4lab.quant_types`` are named in the
+    error, with where they are accepted."""
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r} is unknown; use one of {QUANT_TYPES}")
+        others = [q for q in quant_types.ALL_QUANT_TYPES if q not in QUANT_TYPES]
+        hint = (f"; {quant_type!r} is accepted by q4lab.quantize_4bit / dequantize_4bit only"
+                if quant_type in others else f" (q4lab.quantize_4bit also takes {others})")
+        raise ValueError(f"quant_type={quant_type!r} is not supported here; use one of "
+                         f"{QUANT_TYPES}{hint}")
     return quant_type
+
+
+def check_format_args(quant_type, blocksize, double_quant):
+    """The checked ``(quant_type, blocksize, double_quant)``: blocksize None is the format's
+    own (64 for nf4 / fp4 / int4, 32 MXFP4, 16 NVFP4, 32 Q4_0 / Q4_1); double_quant None is True
+    for nf4 / fp4 / int4 and False for the others, which refuse True."""
+    qt = quant_types.get(quant_type)
+    if qt.family == "bnb":
+        blocksize = check_blocksize(qt.default_blocksize if blocksize is None else blocksize)
+        return quant_type, blocksize, True if double_quant is None else bool(double_quant)
+    blocksize = qt.check_blocksize(blocksize)
+    if double_quant:
+        raise ValueError(f"quant_type={quant_type!r} has no double quantization (its block "
+                         f"scales are already 8 or 16 bits); pass double_quant=False or leave "
+                         f"it unset")
+    if not qt.can_quantize:
+        raise ValueError(f"q4lab has no quantizer for {quant_type!r} (only dequantization of "
+                         f"GGUF blocks); quantize to one of {quant_types.QUANTIZABLE}")
+    return quant_type, blocksize, False
 
 
 def check_offset(offset, double_quant: bool):
@@ -98,22 +127,32 @@ def as_float32(x, dtype: str | None = None) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(a, dtype=F32).reshape(-1), dtype or name
 
 
-def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
-                  offset=None, dtype: str | None = None):
+def quantize_4bit(x, blocksize: int | None = None, quant_type: str = "nf4",
+                  double_quant: bool | None = None, offset=None, dtype: str | None = None,
+                  tensor_scale="auto"):
     """Quantize an array to packed 4-bit codes. Returns ``(packed, state)``.
 
     packed: uint8 (ceil(n/2),), element 2j in the high nibble. state: :class:`QuantState` with
     float32 absmax per block, or (double_quant) uint8 absmax codes + offset + nested state.
     ``offset`` (double quant only) replaces the computed exact mean, e.g. to reproduce the nested
-    codes of a bitsandbytes checkpoint from its ``nested_offset``.
+    codes of a bitsandbytes checkpoint from its ``nested_offset``. ``blocksize`` None: the
+    format's own (64 for nf4 / fp4 / int4); ``double_quant`` None: True for those three.
+
+    quant_type "mxfp4" / "nvfp4" / "q4_0" / "q4_1": blocks along each row, the format's own
+    byte layout in ``packed`` and ``state.layout`` (``block_formats``); ``tensor_scale`` is
+    NVFP4's float32 per-tensor scale ("auto": amax / 2688; None: one level; or a number).
     """
-    blocksize = check_blocksize(blocksize)
-    check_quant_type(quant_type)
+    quant_type, blocksize, double_quant = check_format_args(quant_type, blocksize,
+                                                            double_quant)
     offset = check_offset(offset, double_quant)
     shape = tuple(np.shape(x))
     flat, dtype = as_float32(x, dtype)
     if flat.size == 0:
         raise ValueError(f"cannot quantize an empty array (shape {shape})")
+    if quant_types.family(quant_type) != "bnb":
+        block_formats.check_rows(shape, blocksize, quant_type)
+        check_finite(flat, blocksize)
+        return block_formats.quantize(flat, shape, dtype, quant_type, blocksize, tensor_scale)
     check_finite(flat, blocksize)
     packed, absmax = quantize_blocks(flat, blocksize, quant_type)
     state = QuantState(shape=shape, dtype=dtype, blocksize=blocksize, quant_type=quant_type,
@@ -126,7 +165,11 @@ def quantize_4bit(x, blocksize: int = 64, quant_type: str = "nf4", double_quant:
 
 
 def state_absmax(state: QuantState) -> np.ndarray:
-    """The float32 absmax per block: stored as is, or decoded from the nested codes."""
+    """The float32 absmax per block: stored as is, or decoded from the nested codes (other
+    formats: the float32 scale that multiplies each block's code values)."""
+    if state.family != "bnb":
+        raise ValueError(f"{state.quant_type} stores no absmax; use "
+                         f"q4lab.reference.block_formats.block_scales(packed, state)")
     if state.nested:
         return dequantize_absmax(state.absmax, state.state2.absmax, state.offset)
     return np.asarray(state.absmax, dtype=F32)
@@ -164,8 +207,11 @@ def dequantize_4bit(packed, state: QuantState, dtype: str = "float32") -> np.nda
     dtype = _dtype_name(dtype or state.dtype)
     if dtype not in DTYPES:
         raise TypeError(f"dtype={dtype!r} is not one of {DTYPES}")
-    codes = unpack_nibbles(packed, state.numel)
-    out = decode(codes, state_absmax(state), state.blocksize, state.quant_type)
+    if state.family != "bnb":
+        out = block_formats.dequantize(packed, state)
+    else:
+        codes = unpack_nibbles(packed, state.numel)
+        out = decode(codes, state_absmax(state), state.blocksize, state.quant_type)
     if dtype == "float16":
         with np.errstate(over="ignore"):  # |values| beyond float16's range become ±inf, by rule
             out = out.astype(np.float16)
