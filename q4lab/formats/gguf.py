@@ -1,9 +1,9 @@
 """GGUF files: write q4lab tensors (Q4_0 / Q4_1 blocks, float32 / float16) and read GGUF tensors
 back as q4lab ``(packed, state)`` pairs (Q4_0, Q4_1, Q4_K, IQ4_NL) or float arrays.
 
-Source: the GGUF v3 specification (ggml ``docs/gguf.md``): little-endian; header = magic "GGUF",
-version uint32 3, tensor count uint64, metadata count uint64; metadata = key string (uint64
-length + UTF-8) + uint32 value type + value; tensor infos = name, uint32 n_dims, n_dims uint64
+Source: the GGUF v3 specification (the ggml repository's gguf.md): little-endian; header =
+magic "GGUF", version uint32 3, tensor count uint64, metadata count uint64; metadata = key
+string (uint64 length + UTF-8) + uint32 value type + value; tensor infos = name, uint32 n_dims, n_dims uint64
 dimensions **innermost first** (ggml's ne[0] is the row length, NumPy's shape[-1]), uint32 ggml
 type, uint64 offset of the data from the start of the data section; the data section starts at
 the next multiple of ``general.alignment`` (default 32) and every tensor's data is aligned to it.
