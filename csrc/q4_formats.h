@@ -4,8 +4,8 @@
 //   reference/mx.py           e2m1_encode (RN, ties to even code, saturate at 6) -> q4f_e2m1_encode
 //                             e8m0_exponent / e8m0_decode         -> q4f_e8m0_code / q4f_e8m0_value
 //                             e4m3_encode / e4m3_decode           -> q4f_e4m3_encode / _value
-//                             mxfp4_quantize, nvfp4_quantize      -> q4f_mxfp4_block / q4f_nvfp4_block
-//   reference/gguf_quants.py  q4_0_quantize, q4_1_quantize        -> q4f_q4_0_block / q4f_q4_1_block
+//                             mxfp4_quantize, nvfp4_quantize -> q4f_mxfp4_block, q4f_nvfp4_block
+//   reference/gguf_quants.py  q4_0_quantize, q4_1_quantize   -> q4f_q4_0_block, q4f_q4_1_block
 //                             *_dequantize                        -> q4f_*_dequant_block
 // Sources: OCP MX v1.0 §5-§6; torchao prototype/mx_formats (to_mx FLOOR, nvfp4_quantize);
 // ggml-quants.c / gguf-py quants.py. Compiled like q4_element.h: no fast-math, no FMA contraction
