@@ -1,16 +1,16 @@
 """GGUF files: write q4lab tensors (Q4_0 / Q4_1 blocks, float32 / float16) and read GGUF tensors
 back as q4lab ``(packed, state)`` pairs (Q4_0, Q4_1, Q4_K, IQ4_NL) or float arrays.
 
-Source: the GGUF v3 specification (the ggml repository's gguf.md): little-endian; header =
-magic "GGUF", version uint32 3, tensor count uint64, metadata count uint64; metadata = key
-string (uint64 length + UTF-8) + uint32 value type + value; tensor infos = name, uint32 n_dims, n_dims uint64
+Source: the GGUF v3 specification (the ggml repository's gguf.md): little-endian; header = magic
+"GGUF", version uint32 3, tensor count uint64, metadata count uint64; metadata = key string (uint64
+length + UTF-8) + uint32 value type + value; tensor infos = name, uint32 n_dims, n_dims uint64
 dimensions **innermost first** (ggml's ne[0] is the row length, NumPy's shape[-1]), uint32 ggml
-type, uint64 offset of the data from the start of the data section; the data section starts at
-the next multiple of ``general.alignment`` (default 32) and every tensor's data is aligned to it.
-ggml type ids: F32 0, F16 1, Q4_0 2, Q4_1 3, Q4_K 12, IQ4_NL 20. Block bytes are the ones of
-``q4lab.reference.gguf_quants`` (docs/formats.md §4): a q4lab Q4_0 tensor's ``packed`` IS the
-GGUF tensor data, so writing and reading are exact. Checked against the gguf package's
-``GGUFReader`` / ``GGUFWriter`` in tests/test_formats_gguf.py (q4lab never imports it).
+type, uint64 offset of the data from the start of the data section; the data section starts at the
+next multiple of ``general.alignment`` (default 32) and every tensor's data is aligned to it. ggml
+type ids: F32 0, F16 1, Q4_0 2, Q4_1 3, Q4_K 12, IQ4_NL 20. Block bytes are the ones of
+``q4lab.reference.gguf_quants`` (docs/formats.md §4): a q4lab Q4_0 tensor's ``packed`` IS the GGUF
+tensor data, so writing and reading are exact. Checked against the gguf package's ``GGUFReader`` /
+``GGUFWriter`` in tests/test_formats_gguf.py (q4lab never imports it).
 """
 from __future__ import annotations
 
