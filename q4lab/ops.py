@@ -20,7 +20,7 @@ import torch
 from . import quant_types
 from . import reference as ref
 from .constants import DTYPES, NESTED_QUANT_TYPE
-from .reference import block_formats
+from .reference import block_formats, mx
 from .reference.api import check_format_args, check_offset
 from .state import QuantState, nested_state
 
@@ -183,8 +183,10 @@ def _block_format_quantize(w, quant_type, blocksize, tensor_scale, which, dtype)
         ref.quantize_4bit(flat.cpu().numpy(), blocksize, quant_type, False)  # raises, names it
     qt = quant_types.get(quant_type)
     if qt.tensor_scale and isinstance(tensor_scale, str) and tensor_scale == "auto":
-        amax = flat.abs().max()
-        tensor_scale = 1.0 if float(amax) == 0 else float(amax / 2688.0)
+        # amax on the device, the division on the host: torch divides a CUDA tensor by a scalar
+        # as a multiplication by its reciprocal (1 ulp off RN(amax / 2688) for some amax: seen
+        # on an H200), and the spec is reference.mx.tensor_scale_of's one IEEE division.
+        tensor_scale = float(mx.tensor_scale_of(flat.abs().max().cpu().numpy()))
     g = block_formats.check_tensor_scale(tensor_scale, None, qt)
     g_t = None if g is None else torch.tensor(g, dtype=torch.float32, device=w.device)
     packed, scales = _format_kernels.formats_quantize(flat, quant_type, g_t)
