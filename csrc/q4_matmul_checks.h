@@ -8,7 +8,10 @@
 
 namespace q4lab {
 
-struct MatmulShape { int64_t M, K, N, nblocks; };
+// `blocked`: packed is the decode layout (K/B, N, B/2) made by q4lab.matmul.repack_blocks (every
+// block of every row contiguous, blocks of one column range adjacent) instead of the stored 1-D
+// bytes; the same bytes, reordered. Only when K % B == 0.
+struct MatmulShape { int64_t M, K, N, nblocks; bool blocked; };
 
 inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& packed,
                                      const at::Tensor& absmax,
@@ -26,7 +29,18 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K > 0, "q4lab: matmul_4bit input x has no columns (K=0)");
   const int64_t n = out_features * K, nblocks = ceil_div(n, blocksize);
-  check_1d(packed, "packed", at::kByte);
+  const bool blocked = packed.dim() == 3;
+  if (blocked) {
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
+                "q4lab: a blocked packed weight must be a contiguous uint8 tensor");
+    TORCH_CHECK(K % blocksize == 0 && packed.size(0) == K / blocksize &&
+                packed.size(1) == out_features && packed.size(2) == blocksize / 2,
+                "q4lab: blocked packed has shape ", packed.sizes(), " but a (", out_features, ", ",
+                K, ") weight at blocksize ", blocksize, " needs (", K / blocksize, ", ",
+                out_features, ", ", blocksize / 2, ") and K % blocksize == 0");
+  } else {
+    check_1d(packed, "packed", at::kByte);
+  }
   check_same_device(x, packed, "packed");
   TORCH_CHECK(packed.numel() == ceil_div(n, 2), "q4lab: packed has ", packed.numel(),
               " bytes but a (", out_features, ", ", K, ") weight needs ", ceil_div(n, 2),
@@ -54,7 +68,7 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
     TORCH_CHECK(bias->numel() == out_features, "q4lab: bias has ", bias->numel(),
                 " values but out_features=", out_features);
   }
-  return {M, K, out_features, nblocks};
+  return {M, K, out_features, nblocks, blocked};
 }
 
 inline void check_matmul_out(const at::Tensor& out, const at::Tensor& x, const MatmulShape& s) {

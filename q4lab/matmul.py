@@ -12,10 +12,22 @@ only those bytes. ``Linear4bit.forward`` uses it when autograd is off (``generat
 at most ``FUSED_MAX_ROWS`` rows; longer inputs (prefill) dequantize once and call a float matmul,
 which is faster there, and training keeps that path too, so its numbers are unchanged.
 Gradients: d/dx = grad · Ŵ with the dequantized weight (the packed weight is frozen, as in QLoRA).
+
+Decode layout (``repack_blocks``): the CPU kernel's fast forms walk the weight block by block over
+all rows; in the stored row-major bytes a block of consecutive rows is ``K/2`` bytes apart, which
+on a 2-core Zen CPU maps every row of a 4096-wide layer to the same two L1 sets. ``decode_args``
+therefore keeps, per layer, a copy of the same bytes ordered (K/B, N, B/2), lazily: built at the
+second decode call that sees the same packed tensor object (a new object, as an FSDP all-gather
+makes each forward, never gets one: no full-size copy outlives its forward), never for a tensor
+subclass (DTensor) or off the CPU, dropped with ``drop_decode_cache`` or when the packed tensor dies
+or is written in place, and not built at all with ``Q4LAB_REPACK=0`` / ``set_repack(False)``. Files
+and interop keep bitsandbytes' bytes; the copy is a cache of full size (``decode_cache_bytes``).
 """
 from __future__ import annotations
 
 import math
+import os
+import weakref
 
 import torch
 
@@ -66,6 +78,99 @@ def kernel_args(packed, state) -> tuple:
     return (packed.reshape(-1), state.absmax, state.state2.absmax if nested else None,
             state.offset.reshape(()).float() if nested else None, int(state.blocksize),
             state.quant_type, int(state.shape[0]))
+
+
+_repack_enabled = os.environ.get("Q4LAB_REPACK", "1") != "0"
+_CACHE_KEY = "_q4lab_decode_cache"
+
+
+def set_repack(enabled: bool) -> None:
+    """Allow (default) or forbid the decode layout copies made by ``decode_args``; forbidding does
+    not drop existing copies (``drop_decode_cache`` does)."""
+    global _repack_enabled
+    _repack_enabled = bool(enabled)
+
+
+def repack_blocks(packed: torch.Tensor, state) -> torch.Tensor:
+    """The stored bytes of a (N, K) weight reordered to the decode layout (K/B, N, B/2): block b of
+    row o is ``out[b, o]``. Needs K % B == 0 (then every row has whole blocks)."""
+    n, k = (int(d) for d in state.shape)
+    b = int(state.blocksize)
+    if k % b:
+        raise ValueError(f"repack_blocks needs in_features % blocksize == 0, got K={k}, B={b}")
+    return packed.reshape(n, k // b, b // 2).transpose(0, 1).contiguous()
+
+
+class _DecodeCache:
+    """One layer's kernel arguments for decode. The first call on a packed tensor object keeps only
+    weak references (an FSDP all-gather's tensor, new each forward, is never kept alive); a second
+    call on the same object, unwritten since, caches the arguments, with the blocked decode layout
+    where allowed (see the module docstring)."""
+    __slots__ = ("packed_ref", "state_ref", "version", "args", "bias", "bias_f32", "blocked",
+                 "repackable")
+
+    def __init__(self, packed, state):
+        self.packed_ref, self.state_ref = weakref.ref(packed), weakref.ref(state)
+        self.version = packed._version
+        self.args = self.bias = self.bias_f32 = self.blocked = None
+        self.repackable = (type(packed) is torch.Tensor and packed.device.type == "cpu"
+                           and int(state.shape[1]) % int(state.blocksize) == 0)
+
+    def matches(self, packed, state) -> bool:
+        return (self.packed_ref() is packed and self.state_ref() is state
+                and self.version == packed._version)
+
+
+def decode_args(owner, packed, state) -> tuple:
+    """The fused kernel's weight arguments for ``owner`` (a ``Linear4bit``), cached in it from the
+    second call on the same packed tensor, with the blocked decode layout in place of the stored
+    bytes where allowed (module docstring). Rebuilt when ``packed`` or ``state`` is replaced or
+    ``packed`` is written in place. Under torch.compile nothing is built: the cached arguments
+    (made by an eager call before), or the plain ones."""
+    cache = owner.__dict__.get(_CACHE_KEY)
+    if torch.compiler.is_compiling():
+        return cache.args if cache is not None and cache.args is not None \
+            else kernel_args(packed, state)
+    if cache is None or not cache.matches(packed, state):
+        owner.__dict__[_CACHE_KEY] = _DecodeCache(packed, state)
+        return kernel_args(packed, state)
+    if cache.args is None or (cache.blocked is None and cache.repackable and _repack_enabled):
+        args = kernel_args(packed, state)
+        if cache.repackable and _repack_enabled:
+            cache.blocked = repack_blocks(packed, state)
+            args = (cache.blocked,) + args[1:]
+        cache.args = args
+    return cache.args
+
+
+def decode_bias(owner, bias):
+    """``bias`` as the kernel's float32, cached in ``owner`` while it is the same tensor."""
+    if bias is None or bias.dtype == torch.float32:
+        return bias
+    cache = owner.__dict__.get(_CACHE_KEY)
+    if cache is None or cache.args is None or torch.compiler.is_compiling():
+        return bias.float()
+    if cache.bias is not bias or cache.bias_f32 is None:
+        cache.bias, cache.bias_f32 = bias, bias.float()
+    return cache.bias_f32
+
+
+def drop_decode_cache(module) -> int:
+    """Drop every cached decode layout under ``module`` (a model or a layer); returns the bytes
+    freed. The next decode calls rebuild them lazily."""
+    freed = 0
+    for m in module.modules():
+        cache = m.__dict__.pop(_CACHE_KEY, None)
+        if cache is not None and cache.blocked is not None:
+            freed += cache.blocked.numel()
+    return freed
+
+
+def decode_cache_bytes(module) -> int:
+    """Bytes held by decode layout copies under ``module``."""
+    return sum(m.__dict__[_CACHE_KEY].blocked.numel() for m in module.modules()
+               if m.__dict__.get(_CACHE_KEY) is not None
+               and m.__dict__[_CACHE_KEY].blocked is not None)
 
 
 def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None) -> torch.Tensor:
@@ -131,20 +236,26 @@ def _fused(x, packed, state, bias, which: str) -> torch.Tensor:
 def linear_forward(x: torch.Tensor, packed, state, bias, args=None) -> torch.Tensor:
     """``Linear4bit``'s fused path: the layer checked its packed weight and state when it was built,
     and the caller checked that a native kernel exists for x's device; only x is checked here.
-    ``args``: the layer's cached :func:`kernel_args` (decode calls this once per layer per token, so
-    the Python around the kernel is kept to a few tensor calls)."""
+    ``args``: the layer's cached :func:`decode_args` (decode calls this once per layer per token, so
+    the Python around the kernel is one shape check and one op call; docs/architecture.md says how
+    the per-call overhead is measured)."""
     k = state.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features={k}")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _fused(x.contiguous(), packed, state, bias, x.device.type)
-    y = _kernel(x.contiguous().view(-1, k), packed, state, bias, "auto", args)
+    if not _fake_registered:
+        register_fake()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    y = torch.ops.q4lab.matmul_4bit.default(x.contiguous().view(-1, k),
+                                            *(args or kernel_args(packed, state)), bias, "auto")
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def isas() -> list[str]:
-    """The CPU instruction-set forms of the fused kernel compiled here ('portable', 'avx2',
-    'avx512'); 'auto' uses the last. All give the same bytes (tests/test_matmul.py)."""
+    """The CPU forms of the fused kernel this CPU can run ('portable', 'table', and 'avx512' where
+    the CPU has AVX-512F); 'auto' uses the last. All give the same bytes (tests/test_matmul.py)."""
     if ops.kernel_status("cpu") is not True:
         return []
     register_fake()

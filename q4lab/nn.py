@@ -108,22 +108,18 @@ class Linear4bit(nn.Module):
         return rows <= fused_matmul.FUSED_MAX_ROWS and ops.kernel_status(x.device.type) is True
 
     def _kernel_args(self) -> tuple:
-        """The fused kernel's weight arguments, built once and rebuilt only when ``packed`` or
-        ``quant_state`` is replaced by assignment (``.to()``, a new state); they are views, so a
-        weight copied into those tensors in place is seen as well."""
-        cached = self.__dict__.get("_kernel_args_cache")
-        if cached is None or cached[0] is not self.packed or cached[1] is not self.quant_state:
-            cached = (self.packed, self.quant_state,
-                      fused_matmul.kernel_args(self.packed, self.quant_state))
-            self.__dict__["_kernel_args_cache"] = cached
-        return cached[2]
+        """The fused kernel's weight arguments, cached in the layer by ``q4lab.matmul.decode_args``
+        (rebuilt when ``packed`` or ``quant_state`` is replaced or ``packed`` is written in place;
+        the decode layout copy it may hold is described there)."""
+        return fused_matmul.decode_args(self, self.packed, self.quant_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x = x.to(self.compute_dtype)
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
-            y = fused_matmul.linear_forward(x, self.packed, self.quant_state, bias,
+            y = fused_matmul.linear_forward(x, self.packed, self.quant_state,
+                                            fused_matmul.decode_bias(self, bias),
                                             self._kernel_args())
         else:                   # prefill / training: dequantize once, one float matmul
             y = _DequantMatmul.apply(x, self.packed, self.quant_state, bias)
