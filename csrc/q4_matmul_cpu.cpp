@@ -27,6 +27,7 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <omp.h>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -82,6 +83,8 @@ float row_portable(const MatmulPlan& p, const float* x, int64_t o) {
 // ---- table: K % B == 0 -------------------------------------------------------------------------
 constexpr int kTableEntries = 256;  // one per byte value: (high code, low code)
 constexpr int kTableRows = 8;       // independent chains in flight (addss latency x throughput)
+// Layers below this many weights per thread run on fewer threads (a thread's wake-up must pay off).
+constexpr int64_t kMinWeightsPerThread = 1 << 18;
 
 // Tables of byte columns [j0, j1) of one input row: T[j][byte] = RN(p_hi + p_lo).
 void build_pair_tables(const Q4Codebook& cb, const float* x, int64_t j0, int64_t j1, float* T) {
@@ -271,13 +274,35 @@ void compute(const MatmulPlan& p, Isa isa, const float* x, int64_t M, float* y) 
   const int64_t columns = p.K / 2;
   if ((int64_t)tables.size() < columns * kTableEntries) tables.resize(columns * kTableEntries);
   float* T = tables.data();
+  // ONE parallel region per input row: the threads build the tables of their share of the
+  // columns, meet at a barrier, then compute their share of the output rows (two regions cost
+  // two wake-ups, and on a busy machine a wake-up can cost more than a small layer's work).
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+      at::in_parallel_region() ? 1 : at::get_num_threads(),
+      p.N * p.K / kMinWeightsPerThread));
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * p.K;
-    split(columns, 64, [&](int64_t j0, int64_t j1) { build_pair_tables(p.cb, xm, j0, j1, T); });
-    split(p.N, kTableRows, [&](int64_t first, int64_t last) {
-      if (p.B == 64) table_rows<4>(p, T, first, last, y + m * p.N);  // QLoRA's blocksize
-      else table_rows<0>(p, T, first, last, y + m * p.N);
-    });
+    float* ym = y + m * p.N;
+    const auto work = [&](int t, int nt, auto&& barrier) {
+      const int64_t c_chunk = ceil_div(columns, nt), r_chunk = ceil_div(ceil_div(p.N, nt), 8) * 8;
+      build_pair_tables(p.cb, xm, std::min(columns, t * c_chunk),
+                        std::min(columns, (t + 1) * c_chunk), T);
+      barrier();
+      const int64_t first = std::min(p.N, t * r_chunk), last = std::min(p.N, (t + 1) * r_chunk);
+      if (p.B == 64) table_rows<4>(p, T, first, last, ym);  // QLoRA's blocksize
+      else table_rows<0>(p, T, first, last, ym);
+    };
+    if (threads == 1) {
+      work(0, 1, [] {});
+    } else {
+#pragma omp parallel num_threads(threads)
+      {
+        const int nt = omp_get_num_threads();  // may be fewer than asked: every share still runs
+        work(omp_get_thread_num(), nt, [] {
+#pragma omp barrier
+        });
+      }
+    }
   }
 }
 

@@ -34,10 +34,24 @@ import torch
 from . import ops
 from . import reference as ref
 
-#: Rows (tokens) up to which Linear4bit uses the fused kernel; above, dequantize + F.linear wins
-#: (bench/bench_infer.py on a 2-core AVX-512 machine, 4096x4096: fused is ~12x faster for 1 row,
-#: 2.8x for 8, 1.6x for 16, and slower from 32 rows; 8 leaves a margin for smaller layers).
+#: Rows (tokens) up to which Linear4bit uses the fused kernel where the committed crossover table
+#: (q4lab/_crossover.py, written by ``bench/bench_infer.py --write-crossover``) has no entry for
+#: the kernel form that runs (CUDA, or a CPU form not measured yet).
 FUSED_MAX_ROWS = 8
+_max_rows: dict = {}
+
+
+def fused_max_rows(device_type: str = "cpu") -> int:
+    """Rows of x up to which ``Linear4bit`` runs the fused kernel on ``device_type``: the committed
+    per-form crossover for the CPU form 'auto' picks here, else ``FUSED_MAX_ROWS``. A table, never
+    a timing at run time (a model's output bytes must not depend on one)."""
+    rows = _max_rows.get(device_type)
+    if rows is None:
+        from ._crossover import CROSSOVER_ROWS
+
+        form = (isas() or ["portable"])[-1] if device_type == "cpu" else device_type
+        rows = _max_rows[device_type] = int(CROSSOVER_ROWS.get(form, FUSED_MAX_ROWS))
+    return rows
 
 
 def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:

@@ -89,7 +89,7 @@ class Linear4bit(nn.Module):
         return ops.dequantize_4bit(self.packed, self.quant_state, dtype=dtype or self.compute_dtype)
 
     #: Which matmul ``forward`` runs: "auto" (the fused kernel when autograd is off, as in
-    #: ``generate``, for inputs of at most ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native
+    #: ``generate``, for inputs of at most ``q4lab.matmul.fused_max_rows()`` rows where a native
     #: kernel is available; dequantize + ``F.linear`` otherwise, so training computes exactly what
     #: it always did), "fused" or "dequantize" (forced, e.g. to compare them). Settable per layer
     #: or on the class.
@@ -105,7 +105,8 @@ class Linear4bit(nn.Module):
         if torch.is_grad_enabled():
             return False
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
-        return rows <= fused_matmul.FUSED_MAX_ROWS and ops.kernel_status(x.device.type) is True
+        return (ops.kernel_status(x.device.type) is True
+                and rows <= fused_matmul.fused_max_rows(x.device.type))
 
     def _kernel_args(self) -> tuple:
         """The fused kernel's weight arguments, cached in the layer by ``q4lab.matmul.decode_args``
