@@ -373,7 +373,8 @@ def report(r: dict) -> None:
     if "decode" in r:
         lr = r["decode"]["linear_rates"]
         print(f"\nSmolLM2 4-bit linears in the model: {lr['linear4bit_ms_per_token_hooked']:.2f} "
-              f"ms/token (hooks), kernel {lr['matmul_kernel_ms_per_token_profiled']:.2f} (profiler), "
+              f"ms/token (hooks), kernel {lr['matmul_kernel_ms_per_token_profiled']:.2f} "
+              f"(profiler), "
               f"standalone {lr['standalone_kernel_ms_per_token']:.2f}: in-model rate = "
               f"{100 * lr['in_model_rate_of_standalone']:.0f}% of standalone")
     if "layers" not in r:

@@ -1,5 +1,5 @@
 """The fused 4-bit matmul on a CUDA GPU: parity with the spec, then the fraction of DRAM read
-bandwidth the one-row GEMV reaches (issue "4-bit inference toward the memory-bandwidth limit", item 5).
+bandwidth the one-row GEMV reaches (issue 21, "4-bit inference toward the bandwidth limit", item 5).
 
 Parity first (llm.c's rule: validate before timing): the CUDA kernel (``csrc/q4_matmul_cuda.cu``,
 order pair-chain-v2) must equal ``q4lab.reference.matmul_4bit`` byte for byte on a few shapes,
@@ -84,7 +84,8 @@ def main() -> dict:
         name = str(dtype).replace("torch.", "")
         out[f"fused_{name}_us"] = t * 1e6
         out[f"fused_{name}_fraction_of_sum"] = read / t / sum_bw
-    w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, count // 4))]
+    w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+           for _ in range(max(2, count // 4))]
     x16 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     t16 = event_seconds(lambda: [F.linear(x16, w) for w in w16]) / len(w16)
     out["bf16_linear_us"] = t16 * 1e6
