@@ -168,7 +168,7 @@ void table_rows(const MatmulPlan& p, const float* T, int64_t first, int64_t last
 }
 
 #if defined(Q4_HAVE_AVX512_FORM)
-// ---- avx512: K % B == 0, 16 rows per register, rows [first, last) ---------------------------------
+// ---- avx512: K % B == 0, 16 rows per register, rows [first, last) -------------------------------
 Q4_AVX512_TARGET void avx512_rows(const MatmulPlan& p, const float* x, int64_t first, int64_t last,
                                   float* y) {
   const __m512 table = _mm512_loadu_ps(p.cb.value);
@@ -192,8 +192,9 @@ Q4_AVX512_TARGET void avx512_rows(const MatmulPlan& p, const float* x, int64_t f
           const __m512 p_hi = _mm512_mul_ps(
               _mm512_permutexvar_ps(_mm512_srli_epi32(d, 8 * i + 4), table),
               _mm512_set1_ps(xb[8 * w + 2 * i]));
-          const __m512 p_lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 8 * i), table),
-                                            _mm512_set1_ps(xb[8 * w + 2 * i + 1]));
+          const __m512 p_lo = _mm512_mul_ps(
+              _mm512_permutexvar_ps(_mm512_srli_epi32(d, 8 * i), table),
+              _mm512_set1_ps(xb[8 * w + 2 * i + 1]));
           const __m512 q = _mm512_add_ps(p_hi, p_lo);
           s = (w == 0 && i == 0) ? q : _mm512_add_ps(s, q);
         }

@@ -3,7 +3,7 @@
 // The specification is q4lab/reference/matmul.py, summation order pair-chain-v2 (docs/format.md,
 // "Fused matmul"). A thread block of 8 warps computes 8 output rows (several rows per block); the
 // 16 codebook values sit in shared memory. In a warp, lane l computes the sums s of the row's
-// segments l, l + 32, ... (one chain of byte-pair terms per block, as the spec says): when every row
+// segments l, l + 32, ... (one chain of byte-pair terms per block, as the spec says); when every row
 // has the same blocks (K % B == 0) and the bytes are 16-byte aligned, a lane reads its block with
 // 16-byte loads (uint4, 32 weights per load); otherwise q4_mm_segment_sum reads byte by byte.
 // The row sum acc = RN(acc + RN(absmax * s)) then runs in segment order: each lane scales its s,
@@ -76,8 +76,9 @@ __global__ void matmul_kernel(const typename D::T* x, const uint8_t* packed, Q4A
               for (int i = 0; i < 4; ++i) {
                 const uint32_t byte = (parts[q] >> (8 * i)) & 255u;
                 const int64_t k = k0 + 32 * v + 8 * q + 2 * i;
-                s = q4_mm_add(s, q4_mm_add(q4_mm_product_of(value, byte >> 4, D::load(xm, k)),
-                                           q4_mm_product_of(value, byte & 15u, D::load(xm, k + 1))));
+                const float hi = q4_mm_product_of(value, byte >> 4, D::load(xm, k));
+                const float lo = q4_mm_product_of(value, byte & 15u, D::load(xm, k + 1));
+                s = q4_mm_add(s, q4_mm_add(hi, lo));
               }
           }
         } else {

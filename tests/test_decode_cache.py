@@ -17,8 +17,9 @@ from q4lab import ops
 from q4lab.nn import Linear4bit
 from q4lab.testing import assert_bytes_equal
 
-needs_cpu_kernels = pytest.mark.skipif(ops.kernel_status("cpu") is not True,
-                                       reason=f"C++ kernels unavailable: {ops.kernel_status('cpu')}")
+needs_cpu_kernels = pytest.mark.skipif(
+    ops.kernel_status("cpu") is not True,
+    reason=f"C++ kernels unavailable: {ops.kernel_status('cpu')}")
 
 
 def layer(n=48, k=256, seed=0):
