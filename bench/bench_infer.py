@@ -1,5 +1,11 @@
 """One-row 4-bit inference: q4lab's fused ``matmul_4bit`` against dequantize + ``F.linear``, float32
-``F.linear`` and bitsandbytes' ``matmul_4bit``, and SmolLM2-135M greedy decode, in one process.
+``F.linear`` and bitsandbytes' ``matmul_4bit``, SmolLM2-135M and a synthetic 1.1B Llama greedy
+decode, in one process (issue 21: GEMV toward the bandwidth limit; parts in bench/_infer_parts.py).
+
+Part 0 (issue 21): 12 distinct 4096x4096 NF4+DQ layers, one row, float32 and bf16, every CPU form
+of the kernel on the stored and on the blocked layout, as a fraction of torch.sum's bandwidth,
+beside the inner loop's in-cache ceiling; then the fused/dequantize crossover per form
+(``--write-crossover`` regenerates q4lab/_crossover.py, the committed table Linear4bit reads).
 
 Issue "Fused 4-bit inference". Decode multiplies one row by every weight once per token, so its
 speed is set by the bytes it reads; the yardstick is the read bandwidth ``torch.sum`` reaches in the
@@ -15,6 +21,7 @@ needs an AVX512-BF16 CPU and its ``kernels`` package from a model hub; without i
 dequantizes per call. Writes bench/results/infer_<device>_<date>.json.
 
     python bench/bench_infer.py [--cycle-mib N] [--tokens 48] [--skip-model] [--compile]
+        [--skip-layers] [--skip-1b] [--tokens-1b 16] [--write-crossover]
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from q4lab.testing import assert_bytes_equal
 
 from _harness import today, write_results
 from _machine import machine
+import _infer_parts as parts
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -132,7 +140,7 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     results = {"validation_relative_error": errors, "layers_in_cycle": len(quantized),
                "packed_mib_in_cycle": n_weights / 2 / 2**20}
     timings = {}
-    for isa in fused.isas():
+    for isa in fused.isas()[1:]:  # the portable form is the slow reference form: not timed here
         timings[f"q4lab fused ({isa})"] = cycle_time(
             quantized,
             lambda layer, isa=isa: fused._kernel(xs[layer[1].shape[1]], layer[0], layer[1], None,
@@ -162,21 +170,6 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     results["fraction_of_torch_sum_bandwidth"] = packed_per_layer / base / bandwidth
     results["speedup_vs"] = {k: v / base for k, v in timings.items()}
     return results
-
-
-def bench_rows() -> dict:
-    """Fused vs dequantize + F.linear for M = 1 ... 64 rows on one 4096x4096 layer: where the
-    crossover lies (``q4lab.matmul.FUSED_MAX_ROWS`` is set from it)."""
-    packed, state = q4lab.quantize_4bit(weight((4096, 4096), 0))
-    out = {}
-    for rows in (1, 2, 4, 8, 16, 32, 64):
-        x = torch.randn(rows, 4096)
-        fused_s = cycle_time([None], lambda _, x=x: q4lab.matmul_4bit(x, packed, state), passes=5)
-        deq_s = cycle_time([None], lambda _, x=x: F.linear(x, q4lab.dequantize_4bit(packed, state,
-                                                                                torch.float32)),
-                           passes=5)
-        out[rows] = {"fused_ms": fused_s * 1e3, "dequantize_linear_ms": deq_s * 1e3}
-    return out
 
 
 # ---- part 2: SmolLM2 decode ----------------------------------------------------------------------
@@ -294,6 +287,7 @@ def bench_decode(tokens: int) -> dict:
     result = {"float32": decode_tokens_per_s(model, tok, tokens)}
     split = {"float32": decode_breakdown(model, tok, tokens)}
     q4lab.quantize_model(model, q4lab.Q4Config(compute_dtype=torch.float32), progress=False)
+    rates = parts.linear_rates(model, tok, tokens)
     answers = {}
     for path in ("dequantize", "auto"):
         Linear4bit.matmul_path = path
@@ -309,6 +303,7 @@ def bench_decode(tokens: int) -> dict:
     split["bitsandbytes NF4+DQ"] = decode_breakdown(model, tok, tokens)
     same = [a == b for a, b in zip(answers["dequantize"], answers["auto"])]
     return {"tokens_per_s": result, "ms_per_token_split": split, "tokens": tokens,
+            "linear_rates": rates,
             "greedy_continuations_identical": same,
             "continuations": {"fused": answers["auto"], "dequantize": answers["dequantize"]}}
 
@@ -322,6 +317,12 @@ def main() -> dict:
     parser.add_argument("--skip-model", action="store_true", help="layers only, no SmolLM2 decode")
     parser.add_argument("--compile", action="store_true",
                         help="also decode float32 and q4lab fused under torch.compile (minutes)")
+    parser.add_argument("--skip-1b", action="store_true", help="no synthetic 1.1B Llama decode")
+    parser.add_argument("--tokens-1b", type=int, default=16, help="new tokens of the 1.1B decode")
+    parser.add_argument("--skip-layers", action="store_true",
+                        help="no mixed-shape layer cycle (the 12-layer GEMV still runs)")
+    parser.add_argument("--write-crossover", action="store_true",
+                        help="regenerate q4lab/_crossover.py from this run's crossover")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     assert q4lab.backends()["cpu"] is True, q4lab.backends()
@@ -329,13 +330,18 @@ def main() -> dict:
     cycle = int((args.cycle_mib or max(256, 2 * info["last_level_cache_mib"])) * 2**20)
     bandwidth = read_bandwidth(max(cycle, 1 << 30))
     print(f"torch.sum reads {bandwidth / 1e9:.1f} GB/s", flush=True)
-    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9,
-              "layers": bench_layers(cycle, bandwidth),
-              "rows_crossover": bench_rows()}
+    result = {"machine": info, "torch_sum_GBps": bandwidth / 1e9, "gemv": parts.gemv(bandwidth)}
+    report_gemv(result)
+    result["crossover"] = parts.crossover(write=args.write_crossover)
+    print(f"crossover rows per form: {result['crossover']['crossover_rows']}", flush=True)
+    if not args.skip_layers:
+        result["layers"] = bench_layers(cycle, bandwidth)
     if not args.skip_model:
         result["decode"] = bench_decode(args.tokens)
         if args.compile:
             result["decode_compiled"] = bench_decode_compiled(args.tokens)
+    if not args.skip_1b:
+        result["llama_1b"] = parts.bench_llama_1b(args.tokens_1b, bandwidth)
     info["load_average_at_end"] = os.getloadavg()
     report(result)
     path = write_results(result, f"infer_cpu_{today()}.json")
@@ -343,7 +349,39 @@ def main() -> dict:
     return result
 
 
+def report_gemv(r: dict) -> None:
+    g = r["gemv"]
+    print(f"\none-row GEMV, {g['layers']} distinct {g['shape'][0]}x{g['shape'][1]} NF4+DQ layers, "
+          f"{torch.get_num_threads()} threads, torch.sum {r['torch_sum_GBps']:.1f} GB/s, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for name, ms in g["ms_per_layer"].items():
+        print(f"  {name:28s} {ms:7.3f} ms/layer = {100 * g['fraction_of_torch_sum'][name]:5.1f}% "
+              f"of torch.sum's bandwidth")
+    c = g["in_cache_ceiling"]
+    print(f"  inner-loop ceiling ({c['form']}, {c['shape']} in L2): {c['packed_GBps']:.2f} GB/s = "
+          f"{100 * c['fraction_of_torch_sum']:.0f}% of torch.sum", flush=True)
+
+
 def report(r: dict) -> None:
+    report_gemv(r)
+    print(f"\ncrossover rows (fused faster than dequantize + F.linear up to): "
+          f"{r['crossover']['crossover_rows']}")
+    if "llama_1b" in r:
+        b = r["llama_1b"]
+        print("\nsynthetic 1.1B Llama greedy decode: " + ", ".join(
+            f"{k} {v:.2f} tok/s" for k, v in b["tokens_per_s"].items()))
+        print(f"  q4lab / float32 = {b['q4lab_vs_float32']:.2f}x, q4lab / bf16 = "
+              f"{b['q4lab_vs_bfloat16']:.2f}x; 4-bit linears' profiled kernel time = "
+              f"{100 * b.get('linears_fraction_of_torch_sum', float('nan')):.0f}% of torch.sum")
+    if "decode" in r:
+        lr = r["decode"]["linear_rates"]
+        print(f"\nSmolLM2 4-bit linears in the model: {lr['linear4bit_ms_per_token_hooked']:.2f} "
+              f"ms/token (hooks), kernel {lr['matmul_kernel_ms_per_token_profiled']:.2f} "
+              f"(profiler), "
+              f"standalone {lr['standalone_kernel_ms_per_token']:.2f}: in-model rate = "
+              f"{100 * lr['in_model_rate_of_standalone']:.0f}% of standalone")
+    if "layers" not in r:
+        return
     lay = r["layers"]
     print(f"\none-row matmul, cycle of {lay['layers_in_cycle']} layers "
           f"({lay['packed_mib_in_cycle']:.0f} MiB packed), "
@@ -353,9 +391,6 @@ def report(r: dict) -> None:
               f"q4lab fused is {lay['speedup_vs'][name]:6.2f}x faster")
     print(f"  q4lab fused reads {lay['packed_GBps_q4lab_fused']:.1f} GB/s of packed bytes = "
           f"{100 * lay['fraction_of_torch_sum_bandwidth']:.0f}% of torch.sum's bandwidth")
-    print("\nrows of x (4096x4096 layer):  " + "  ".join(
-        f"{m}: fused {v['fused_ms']:.2f} / dequant {v['dequantize_linear_ms']:.2f} ms"
-        for m, v in r["rows_crossover"].items()))
     if "decode" in r:
         tps = r["decode"]["tokens_per_s"]
         q = tps["q4lab NF4+DQ (fused)"]

@@ -8,7 +8,10 @@
 
 namespace q4lab {
 
-struct MatmulShape { int64_t M, K, N, nblocks; };
+// `rows`: packed is the decode layout (K/B, G, B/2, 32), G = ceil(N/32), with absmax decoded to
+// float32 (K/B, 32G), made by q4lab.matmul.repack_rows for the CPU `rows` form
+// (csrc/q4_matmul_rows.cpp); the stored bytes reordered. Only when K % B == 0.
+struct MatmulShape { int64_t M, K, N, nblocks; bool rows; };
 
 inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& packed,
                                      const at::Tensor& absmax,
@@ -26,13 +29,32 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K > 0, "q4lab: matmul_4bit input x has no columns (K=0)");
   const int64_t n = out_features * K, nblocks = ceil_div(n, blocksize);
-  check_1d(packed, "packed", at::kByte);
+  const bool rows = packed.dim() == 4;
   check_same_device(x, packed, "packed");
-  TORCH_CHECK(packed.numel() == ceil_div(n, 2), "q4lab: packed has ", packed.numel(),
-              " bytes but a (", out_features, ", ", K, ") weight needs ", ceil_div(n, 2),
-              " (does x's last dimension match the weight's in_features?)");
   check_same_device(x, absmax, "absmax");
-  if (absmax2.has_value()) {
+  if (rows) {
+    const int64_t G = ceil_div(out_features, 32);
+    TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
+                "q4lab: a decode-layout packed weight must be a contiguous uint8 tensor");
+    TORCH_CHECK(K % blocksize == 0 && packed.size(0) == K / blocksize && packed.size(1) == G &&
+                packed.size(2) == blocksize / 2 && packed.size(3) == 32,
+                "q4lab: decode-layout packed has shape ", packed.sizes(), " but a (", out_features,
+                ", ", K, ") weight at blocksize ", blocksize, " needs (", K / blocksize, ", ", G,
+                ", ", blocksize / 2, ", 32) and K % blocksize == 0");
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
+                absmax.dim() == 2 && absmax.size(0) == K / blocksize && absmax.size(1) == 32 * G,
+                "q4lab: with the decode layout absmax must be decoded float32 of shape (",
+                K / blocksize, ", ", 32 * G, "), got ", absmax.scalar_type(), " ",
+                absmax.sizes());
+    TORCH_CHECK(!absmax2.has_value() && !offset.has_value(),
+                "q4lab: with the decode layout absmax is already decoded: no absmax2 or offset");
+  } else {
+    check_1d(packed, "packed", at::kByte);
+    TORCH_CHECK(packed.numel() == ceil_div(n, 2), "q4lab: packed has ", packed.numel(),
+                " bytes but a (", out_features, ", ", K, ") weight needs ", ceil_div(n, 2),
+                " (does x's last dimension match the weight's in_features?)");
+  }
+  if (!rows && absmax2.has_value()) {
     check_1d(absmax, "absmax (nested codes)", at::kByte);
     check_1d(*absmax2, "absmax2", at::kFloat);
     check_same_device(x, *absmax2, "absmax2");
@@ -42,12 +64,13 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
     TORCH_CHECK(absmax2->numel() == ceil_div(nblocks, kNestedBlocksize), "q4lab: absmax2 has ",
                 absmax2->numel(), " values but ", nblocks, " blocks need ",
                 ceil_div(nblocks, kNestedBlocksize));
-  } else {
+  } else if (!rows) {
     check_1d(absmax, "absmax", at::kFloat);
     TORCH_CHECK(!offset.has_value(), "q4lab: offset given without absmax2 (a plain absmax has none)");
   }
-  TORCH_CHECK(absmax.numel() == nblocks, "q4lab: absmax has ", absmax.numel(), " values but a (",
-              out_features, ", ", K, ") weight at blocksize ", blocksize, " has ", nblocks, " blocks");
+  TORCH_CHECK(rows || absmax.numel() == nblocks, "q4lab: absmax has ", absmax.numel(),
+              " values but a (", out_features, ", ", K, ") weight at blocksize ", blocksize, " has ",
+              nblocks, " blocks");
   if (bias.has_value()) {
     // Any of the three float dtypes: the op widens it to float32 itself (exact), so a bias rounded
     // to the compute dtype by the caller reaches the kernel as that rounded value (torch.compile
@@ -59,7 +82,7 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
     TORCH_CHECK(bias->numel() == out_features, "q4lab: bias has ", bias->numel(),
                 " values but out_features=", out_features);
   }
-  return {M, K, out_features, nblocks};
+  return {M, K, out_features, nblocks, rows};
 }
 
 inline void check_matmul_out(const at::Tensor& out, const at::Tensor& x, const MatmulShape& s) {

@@ -1,32 +1,35 @@
 // q4_matmul_cpu.cpp: torch.ops.q4lab.matmul_4bit on the CPU, y = x . W^T (+ bias) from packed codes.
 //
-// The specification is q4lab/reference/matmul.py (docs/format.md, "Fused matmul"); every float
-// operation below is one of q4_matmul.h's, in the reference's order, so the bytes are the same for
-// any thread count (threads split the output rows; each output is computed by one thread alone).
+// The specification is q4lab/reference/matmul.py, summation order pair-chain-v2 (docs/format.md,
+// "Fused matmul"): per output row and block one chain s = RN(s + q) over byte terms
+// q = RN(p[2j] + p[2j+1]), then acc = RN(acc + RN(absmax * s)) block by block. Every float
+// operation below is one of q4_matmul.h's, in that order, so the bytes are the same for any thread
+// count (threads split the output rows; each output is computed by one thread alone) and any form.
 // Source of the idea: bitsandbytes' fused 4-bit GEMV (functional.py::gemv_4bit), which reads the
 // packed weight once instead of dequantizing it; here the summation order is fixed by the spec.
 //
-// Three implementations of the same arithmetic, chosen at run time among those compiled in:
-//   portable  any K: per row, 32 float lanes (lane = flat index mod 32), q4_mm_* per element.
-//   avx2      K % 32 == 0: one chunk of 32 flat elements = 16 packed bytes -> 4 registers of 8 lanes
-//             (even lanes from the high nibbles, odd lanes from the low ones); the 16-entry table
-//             lookup is two 8-entry permutes and a blend on bit 3 (as q4_cpu_avx2.h's lookup32).
-//   avx512    K % 32 == 0: the same chunk in 2 registers of 16 lanes; one vpermps is the lookup.
-// In both SIMD forms x is first copied into a "deinterleaved" buffer (per chunk: the 16 even
-// elements, then the 16 odd ones) so that each register of products meets the inputs of its lanes.
-// The SIMD forms run several rows at once (independent accumulation chains, shared x loads).
-// The weight is never dequantized; nested absmax codes are decoded block by block (q4_block_absmax).
+// Three forms of the same arithmetic, chosen at run time among those compiled here:
+//   portable  any shape: one row at a time, q4_mm_segment_sum per segment.
+//   table     K % B == 0, the stored bytes: per input row, a 256-entry table per byte column j,
+//             T_j[byte] = RN(RN(t[byte>>4]*x[2j]) + RN(t[byte&15]*x[2j+1])), is built once
+//             (threads split the columns); then each stored byte is ONE load + ONE add of its row's
+//             chain (movzx, shr, addss-from-memory per two weights, 8 rows interleaved), blocks
+//             outer so that a block's 32 KiB of tables stays in L1. Reads bitsandbytes' bytes in
+//             place: the form for a weight seen once (an FSDP all-gather, a first call).
+//   rows      K % B == 0, AVX2, the decode layout (csrc/q4_matmul_rows.cpp): 32 output rows per
+//             step, byte-plane lookups with vpshufb; given the stored bytes it runs `table`.
+// 'auto' is the last form listed by compiled_isas(). Nested absmax codes are decoded block by
+// block (the decode layout carries them decoded).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <atomic>
+#include <omp.h>
+#include <cstring>
 #include <string>
 #include <vector>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include "q4_dtype.h"
 #include "q4_matmul_checks.h"
+#include "q4_matmul_rows.h"
 
 namespace q4lab {
 namespace {
@@ -38,157 +41,122 @@ struct MatmulPlan {
   const Q4Dynamic* dyn;
   int64_t N, K, B;
   int log2b;  // B = 2^log2b: block indices by shifts, never a division in the loops
+  // Where row o's bytes of block b start: packed + b * block_stride + o * row_bytes (the stored
+  // layout: block_stride = B/2, row_bytes = K/2).
+  int64_t block_stride, row_bytes;
 };
 
 // ---- portable: any shape -------------------------------------------------------------------
+struct RowInput {
+  const float* x;
+  float operator()(int64_t k) const { return x[k]; }
+};
+
 float row_portable(const MatmulPlan& p, const float* x, int64_t o) {
-  float acc[Q4_MM_LANES];
-  for (int l = 0; l < Q4_MM_LANES; ++l) acc[l] = 0.0f;
+  float acc = 0.0f;
   const int64_t begin = o * p.K, end = begin + p.K;
   for (int64_t e = begin; e < end;) {
     const int64_t b = e >> p.log2b, seg_end = std::min(end, (b + 1) << p.log2b);
-    float s[Q4_MM_LANES];
-    for (int l = 0; l < Q4_MM_LANES; ++l) s[l] = 0.0f;
-    for (; e < seg_end; ++e) {
-      const uint32_t l = q4_mm_lane(e);
-      s[l] = q4_mm_add(s[l], q4_mm_product(p.cb, q4_code_at(p.packed, e), x[e - begin]));
-    }
-    const float a = q4_block_absmax(p.absmax, *p.dyn, b);
-    for (int l = 0; l < Q4_MM_LANES; ++l) acc[l] = q4_mm_scale_add(acc[l], a, s[l]);
+    const float s = q4_mm_segment_sum(p.cb, p.packed, begin, e, seg_end, RowInput{x});
+    acc = q4_mm_scale_add(acc, q4_block_absmax(p.absmax, *p.dyn, b), s);
+    e = seg_end;
   }
-  return q4_mm_lane_tree(acc);
+  return acc;
 }
 
-// x row (K floats) -> per chunk of 32: the 16 even elements, then the 16 odd ones (K % 32 == 0).
-void deinterleave(const float* x, int64_t K, float* xd) {
-  for (int64_t c = 0; c < K; c += Q4_MM_LANES)
-    for (int j = 0; j < 16; ++j) {
-      xd[c + j] = x[c + 2 * j];
-      xd[c + 16 + j] = x[c + 2 * j + 1];
+// ---- table: K % B == 0 -------------------------------------------------------------------------
+constexpr int kTableEntries = 256;  // one per byte value: (high code, low code)
+constexpr int kTableRows = 8;       // independent chains in flight (addss latency x throughput)
+// Layers below this many weights per thread run on fewer threads (a thread's wake-up must pay off).
+constexpr int64_t kMinWeightsPerThread = 1 << 18;
+
+// Tables of byte columns [j0, j1) of one input row: T[j][byte] = RN(p_hi + p_lo).
+void build_pair_tables(const Q4Codebook& cb, const float* x, int64_t j0, int64_t j1, float* T) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float hi[Q4_CODES], lo[Q4_CODES];
+    for (int v = 0; v < Q4_CODES; ++v) {
+      hi[v] = q4_mm_product(cb, v, x[2 * j]);
+      lo[v] = q4_mm_product(cb, v, x[2 * j + 1]);
     }
+    float* t = T + j * kTableEntries;
+    for (int a = 0; a < Q4_CODES; ++a)
+      for (int b = 0; b < Q4_CODES; ++b) t[a * Q4_CODES + b] = q4_mm_add(hi[a], lo[b]);
+  }
 }
 
-// Length of the segment starting at column k of a row whose first flat index is `row_begin`: up to
-// the end of the row or of the block, whichever comes first (a multiple of 32 when K % 32 == 0).
-inline int64_t segment_length(const MatmulPlan& p, int64_t row_begin, int64_t k) {
-  return std::min(p.K - k, p.B - ((row_begin + k) & (p.B - 1)));
+inline uint64_t load8(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
 }
 
-// Block of row o0 + r at column k, for R rows whose segments coincide (K % B == 0 when R > 1).
-inline int64_t block_of(const MatmulPlan& p, int64_t o0, int r, int64_t k) {
-  return ((o0 + r) * p.K + k) >> p.log2b;
-}
-
-#if defined(__AVX512F__)
-// ---- avx512: R rows at once; R > 1 needs K % B == 0 (then every row has the same segments) ------
-inline float tree_avx512(__m512 even, __m512 odd) {
-  // lanes: even[j] = lane 2j, odd[j] = lane 2j + 1. Widths 16, 8, 4, 2 pair lanes of one parity;
-  // width 1 adds lane 1 (odd[0]) to lane 0 (even[0]).
-  const auto halve = [](__m512 v) {
-    const __m256 w16 = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    const __m128 w8 = _mm_add_ps(_mm256_castps256_ps128(w16), _mm256_extractf128_ps(w16, 1));
-    const __m128 w4 = _mm_add_ps(w8, _mm_movehl_ps(w8, w8));
-    return _mm_add_ss(w4, _mm_shuffle_ps(w4, w4, 1));
-  };
-  return _mm_cvtss_f32(_mm_add_ss(halve(even), halve(odd)));
-}
-
-template <int R>
-void rows_avx512(const MatmulPlan& p, const float* xd, int64_t o0, float* y) {
-  const __m512 table = _mm512_loadu_ps(p.cb.value);
-  __m512 acc_e[R], acc_o[R];
-  for (int r = 0; r < R; ++r) acc_e[r] = acc_o[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < p.K;) {
-    const int64_t len = segment_length(p, o0 * p.K, k);
-    __m512 s_e[R], s_o[R];
-    for (int r = 0; r < R; ++r) s_e[r] = s_o[r] = _mm512_setzero_ps();
-    for (int64_t c = k; c < k + len; c += Q4_MM_LANES) {
-      const __m512 x_e = _mm512_loadu_ps(xd + c), x_o = _mm512_loadu_ps(xd + c + 16);
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* bytes = p.packed + (((o0 + r) * p.K + c) >> 1);
-        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-        const __m512 v_e = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);  // high nibbles
-        const __m512 v_o = _mm512_permutexvar_ps(d, table);  // low 4 bits of the index: low nibbles
-        s_e[r] = _mm512_add_ps(s_e[r], _mm512_mul_ps(v_e, x_e));
-        s_o[r] = _mm512_add_ps(s_o[r], _mm512_mul_ps(v_o, x_o));
-      }
-    }
+// The block sums s of R rows (stride `row_bytes` apart) over one block of `words` 8-byte words
+// (WORDS > 0: a compile-time count, fully unrolled, so every table address is a constant
+// displacement: movzx, shr, addss per byte); T = the tables of the block's first byte column.
+// s starts with the first term (the reference's docstring: the same bytes as starting at +0.0).
+template <int R, int WORDS>
+inline void table_tile(const float* T, const uint8_t* w, int64_t row_bytes, int64_t words,
+                       float* out) {
+  if (WORDS > 0) words = WORDS;
+  float s[R];
+  uint64_t c[R];
+  for (int r = 0; r < R; ++r) {
+    c[r] = load8(w + r * row_bytes);
+    s[r] = T[c[r] & 255];
+    c[r] >>= 8;
+  }
+#pragma GCC unroll 8
+  for (int i = 1; i < 8; ++i)
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(q4_block_absmax(p.absmax, *p.dyn, block_of(p, o0, r, k)));
-      acc_e[r] = _mm512_add_ps(acc_e[r], _mm512_mul_ps(a, s_e[r]));
-      acc_o[r] = _mm512_add_ps(acc_o[r], _mm512_mul_ps(a, s_o[r]));
+      s[r] = q4_mm_add(s[r], T[i * kTableEntries + (c[r] & 255)]);
+      c[r] >>= 8;
     }
-    k += len;
-  }
-  for (int r = 0; r < R; ++r) y[r] = tree_avx512(acc_e[r], acc_o[r]);
-}
-#endif
-
-#if defined(__AVX2__)
-// ---- avx2: R rows at once, 4 registers of 8 lanes per row ---------------------------------------
-inline __m256 lookup16_f32(__m256 low, __m256 high, __m256i index) {
-  const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));  // bit 3 -> sign bit
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index),
-                          _mm256_permutevar8x32_ps(high, index), pick);
-}
-
-inline float tree_avx2(const __m256* v) {  // v = even lanes 0-7, 8-15 of j; odd lanes likewise
-  const auto halve = [](__m256 a, __m256 b) {
-    const __m256 w16 = _mm256_add_ps(a, b);
-    const __m128 w8 = _mm_add_ps(_mm256_castps256_ps128(w16), _mm256_extractf128_ps(w16, 1));
-    const __m128 w4 = _mm_add_ps(w8, _mm_movehl_ps(w8, w8));
-    return _mm_add_ss(w4, _mm_shuffle_ps(w4, w4, 1));
-  };
-  return _mm_cvtss_f32(_mm_add_ss(halve(v[0], v[1]), halve(v[2], v[3])));
-}
-
-template <int R>
-void rows_avx2(const MatmulPlan& p, const float* xd, int64_t o0, float* y) {
-  const __m256 low = _mm256_loadu_ps(p.cb.value), high = _mm256_loadu_ps(p.cb.value + 8);
-  __m256 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < p.K;) {
-    const int64_t len = segment_length(p, o0 * p.K, k);
-    __m256 s[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int q = 0; q < 4; ++q) s[r][q] = _mm256_setzero_ps();
-    for (int64_t c = k; c < k + len; c += Q4_MM_LANES) {
+#pragma GCC unroll 16
+  for (int64_t q = 1; q < words; ++q) {
+    const float* Tq = T + q * 8 * kTableEntries;
+    for (int r = 0; r < R; ++r) c[r] = load8(w + r * row_bytes + 8 * q);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)
       for (int r = 0; r < R; ++r) {
-        const uint8_t* bytes = p.packed + (((o0 + r) * p.K + c) >> 1);
-        for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7: even lanes j = 8h.., odd lanes likewise
-          const __m256i d = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * h)));
-          const __m256 v_e = lookup16_f32(low, high, _mm256_srli_epi32(d, 4));
-          const __m256 v_o = lookup16_f32(low, high, d);
-          s[r][h] = _mm256_add_ps(s[r][h], _mm256_mul_ps(v_e, _mm256_loadu_ps(xd + c + 8 * h)));
-          s[r][2 + h] = _mm256_add_ps(s[r][2 + h],
-                                      _mm256_mul_ps(v_o, _mm256_loadu_ps(xd + c + 16 + 8 * h)));
-        }
+        s[r] = q4_mm_add(s[r], Tq[i * kTableEntries + (c[r] & 255)]);
+        c[r] >>= 8;
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_set1_ps(q4_block_absmax(p.absmax, *p.dyn, block_of(p, o0, r, k)));
-      for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_add_ps(acc[r][q], _mm256_mul_ps(a, s[r][q]));
-    }
-    k += len;
   }
-  for (int r = 0; r < R; ++r) y[r] = tree_avx2(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = s[r];
 }
-#endif
+
+// Rows [first, last) of one input row's output y (float32, the row accumulators), blocks outer.
+template <int WORDS>
+void table_rows(const MatmulPlan& p, const float* T, int64_t first, int64_t last, float* y) {
+  const int64_t row_bytes = p.row_bytes, block_bytes = p.B / 2, words = p.B / 16;
+  const int64_t nb = p.K >> p.log2b;
+  for (int64_t o = first; o < last; ++o) y[o] = 0.0f;
+  float s[kTableRows];
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* Tb = T + b * block_bytes * kTableEntries;
+    const uint8_t* base = p.packed + b * p.block_stride;
+    int64_t o = first;
+    for (; o + kTableRows <= last; o += kTableRows) {
+      for (int r = 0; r < kTableRows && o + 2 * kTableRows + r < last; ++r)
+        __builtin_prefetch(base + (o + 2 * kTableRows + r) * row_bytes);
+      table_tile<kTableRows, WORDS>(Tb, base + o * row_bytes, row_bytes, words, s);
+      for (int r = 0; r < kTableRows; ++r)
+        y[o + r] = q4_mm_scale_add(y[o + r], q4_block_absmax(p.absmax, *p.dyn, (o + r) * nb + b),
+                                   s[r]);
+    }
+    for (; o < last; ++o) {
+      table_tile<1, WORDS>(Tb, base + o * row_bytes, row_bytes, words, s);
+      y[o] = q4_mm_scale_add(y[o], q4_block_absmax(p.absmax, *p.dyn, o * nb + b), s[0]);
+    }
+  }
+}
 
 // ---- dispatch --------------------------------------------------------------------------------
-enum class Isa { kPortable, kAvx2, kAvx512 };
+enum class Isa { kPortable, kTable, kRows };
 
 std::vector<std::string> compiled_isas() {
-  std::vector<std::string> isas{"portable"};
-#if defined(__AVX2__)
-  isas.push_back("avx2");
-#endif
-#if defined(__AVX512F__)
-  isas.push_back("avx512");
-#endif
+  std::vector<std::string> isas{"portable", "table"};
+  if (rows_form_available()) isas.push_back("rows");
   return isas;
 }
 
@@ -197,43 +165,73 @@ Isa parse_isa(c10::string_view name) {
   const std::string wanted = name == "auto" ? isas.back() : std::string(name);
   for (const auto& isa : isas)
     if (isa == wanted)
-      return wanted == "avx512" ? Isa::kAvx512 : wanted == "avx2" ? Isa::kAvx2 : Isa::kPortable;
+      return wanted == "rows" ? Isa::kRows : wanted == "table" ? Isa::kTable : Isa::kPortable;
   std::string known;
   for (const auto& isa : isas) known += " " + isa;
-  TORCH_CHECK(false, "q4lab: matmul_4bit isa='", std::string(name), "' is not compiled in here; "
-              "use 'auto' or one of:", known);
+  TORCH_CHECK(false, "q4lab: matmul_4bit isa='", std::string(name), "' is not available on this "
+              "CPU; use 'auto' or one of:", known);
 }
 
-// Rows [first, last) of the output for every input row, R rows at a time where the SIMD form
-// allows it. `x` is float32 (M, K); `xd` its deinterleaved copy (SIMD forms only).
-void compute_rows(const MatmulPlan& p, Isa isa, const float* x, const float* xd, int64_t M,
-                  int64_t first, int64_t last, float* y) {
-  const bool simd = isa != Isa::kPortable && p.K % Q4_MM_LANES == 0;
-  const bool aligned_blocks = p.K % p.B == 0;  // every row has the same segments
-  float out[4];
-  for (int64_t o = first; o < last;) {
-    int64_t rows = 1;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * p.K;
-      const float* xdm = xd ? xd + m * p.K : nullptr;
-      if (!simd) {
-        out[0] = row_portable(p, xm, o);
+// Runs f(first, last) over [0, n) split into contiguous ranges, one per thread (a range of the
+// output rows or of the table columns: which thread computes a value never changes its bytes).
+template <class F>
+void split(int64_t n, int64_t grain, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (n <= grain || threads <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+  const int64_t chunk = ceil_div(ceil_div(n, threads), grain) * grain;
+  at::parallel_for(0, ceil_div(n, chunk), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) f(t * chunk, std::min(n, (t + 1) * chunk));
+  });
+}
+
+// The float32 rows y (M, N) without bias.
+void compute(const MatmulPlan& p, Isa isa, const float* x, int64_t M, float* y) {
+  const bool fast = p.K % p.B == 0;  // every row has the same blocks (then K is even)
+  if (!fast || isa == Isa::kPortable) {
+    split(p.N, 16, [&](int64_t first, int64_t last) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t o = first; o < last; ++o) y[m * p.N + o] = row_portable(p, x + m * p.K, o);
+    });
+    return;
+  }
+  // The tables live in a buffer of the calling thread, reused across calls (no allocation per
+  // token once it has grown): K/2 KiB per input row.
+  thread_local std::vector<float> tables;
+  const int64_t columns = p.K / 2;
+  if ((int64_t)tables.size() < columns * kTableEntries) tables.resize(columns * kTableEntries);
+  float* T = tables.data();
+  // ONE parallel region per input row: the threads build the tables of their share of the
+  // columns, meet at a barrier, then compute their share of the output rows (two regions cost
+  // two wake-ups, and on a busy machine a wake-up can cost more than a small layer's work).
+  const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(
+      at::in_parallel_region() ? 1 : at::get_num_threads(),
+      p.N * p.K / kMinWeightsPerThread));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * p.K;
+    float* ym = y + m * p.N;
+    const auto work = [&](int t, int nt, auto&& barrier) {
+      const int64_t c_chunk = ceil_div(columns, nt), r_chunk = ceil_div(ceil_div(p.N, nt), 8) * 8;
+      build_pair_tables(p.cb, xm, std::min(columns, t * c_chunk),
+                        std::min(columns, (t + 1) * c_chunk), T);
+      barrier();
+      const int64_t first = std::min(p.N, t * r_chunk), last = std::min(p.N, (t + 1) * r_chunk);
+      if (p.B == 64) table_rows<4>(p, T, first, last, ym);  // QLoRA's blocksize
+      else table_rows<0>(p, T, first, last, ym);
+    };
+    if (threads == 1) {
+      work(0, 1, [] {});
+    } else {
+#pragma omp parallel num_threads(threads)
+      {
+        const int nt = omp_get_num_threads();  // may be fewer than asked: every share still runs
+        work(omp_get_thread_num(), nt, [] {
+#pragma omp barrier
+        });
       }
-#if defined(__AVX512F__)
-      else if (isa == Isa::kAvx512) {
-        if (aligned_blocks && last - o >= 4) { rows_avx512<4>(p, xdm, o, out); rows = 4; }
-        else rows_avx512<1>(p, xdm, o, out);
-      }
-#endif
-#if defined(__AVX2__)
-      else {
-        if (aligned_blocks && last - o >= 2) { rows_avx2<2>(p, xdm, o, out); rows = 2; }
-        else rows_avx2<1>(p, xdm, o, out);
-      }
-#endif
-      for (int64_t r = 0; r < rows; ++r) y[m * p.N + o + r] = out[r];
     }
-    o += rows;
   }
 }
 
@@ -250,26 +248,23 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   if (shape.M == 0) return;
   int log2b = 0;
   while ((int64_t(1) << log2b) < blocksize) ++log2b;
-  const MatmulPlan p{packed.data_ptr<uint8_t>(), absmax_source(absmax, absmax2, offset),
-                     q4_make_codebook(parse_quant_type(quant_type)), &q4_dynamic(), shape.N,
-                     shape.K, blocksize, log2b};
-  const at::Tensor xf = x.to(at::kFloat).contiguous();  // fp16/bf16 -> float32 is exact
-  const float* xs = xf.data_ptr<float>();
-  std::vector<float> xd;
-  if (isa != Isa::kPortable && p.K % Q4_MM_LANES == 0) {
-    xd.resize(shape.M * p.K);
-    for (int64_t m = 0; m < shape.M; ++m) deinterleave(xs + m * p.K, p.K, xd.data() + m * p.K);
-  }
+  const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // exact
   at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty({shape.M, shape.N}, xf.options());
   float* ys = y.data_ptr<float>();
-  // About 64K weights per task, in whole groups of 4 rows (the SIMD forms' widest group).
-  const int64_t rows_per_task = std::max<int64_t>(4, ((1 << 16) / p.K + 3) / 4 * 4);
-  const int64_t ntasks = ceil_div(shape.N, rows_per_task);
-  q4_parallel_chunks(ntasks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t)
-      compute_rows(p, isa, xs, xd.empty() ? nullptr : xd.data(), shape.M, t * rows_per_task,
-                   std::min(shape.N, (t + 1) * rows_per_task), ys);
-  });
+  if (shape.rows) {
+    TORCH_CHECK(isa == Isa::kRows, "q4lab: the decode layout (q4lab.matmul.repack_rows) is read "
+                "by the 'rows' form only; pass isa='auto' or 'rows', or the stored bytes");
+    rows_compute(RowsArgs{packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), cb.value,
+                          xf.data_ptr<float>(), shape.M, shape.N, shape.K, blocksize,
+                          packed.size(1)},
+                 ys);
+  } else {
+    const MatmulPlan p{packed.data_ptr<uint8_t>(), absmax_source(absmax, absmax2, offset), cb,
+                       &q4_dynamic(), shape.N, shape.K, blocksize, log2b, blocksize / 2,
+                       shape.K / 2};
+    compute(p, isa, xf.data_ptr<float>(), shape.M, ys);
+  }
   if (bias.has_value()) {
     const at::Tensor bias_f32 = bias->to(at::kFloat);  // fp16/bf16 -> float32 is exact
     const float* b = bias_f32.data_ptr<float>();

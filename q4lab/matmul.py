@@ -13,10 +13,23 @@ only those bytes. ``Linear4bit.forward`` uses it when autograd is off (``generat
 at most ``FUSED_MAX_ROWS`` rows; longer inputs (prefill) dequantize once and call a float matmul,
 which is faster there, and training keeps that path too, so its numbers are unchanged.
 Gradients: d/dx = grad · Ŵ with the dequantized weight (the packed weight is frozen, as in QLoRA).
+
+Decode layout (``repack_rows``): the CPU ``rows`` form (AVX2) computes 32 output rows per step
+with byte shuffles, and wants the codes of those 32 rows for one byte column side by side, blocks
+outer; ``decode_args`` therefore keeps, per layer, a copy of the same bytes in that order (with the
+absmax decoded to float32), lazily: built at the second decode call that sees the same packed
+tensor object (a new object, as an FSDP all-gather makes each forward, never gets one: no
+full-size copy outlives its forward), never for a tensor subclass (DTensor) or off the CPU, dropped
+with ``drop_decode_cache`` or when the packed tensor dies or is written in place, and not built at
+all with ``Q4LAB_REPACK=0`` / ``set_repack(False)``. Until then (and for weights it never sees
+twice) the ``table`` form reads the stored bytes in place. Files and interop keep bitsandbytes'
+bytes; the copy is a cache of about 1.125x the 4-bit weight (``decode_cache_bytes``).
 """
 from __future__ import annotations
 
 import math
+import os
+import weakref
 
 import torch
 
@@ -24,10 +37,24 @@ from . import ops
 from . import reference as ref
 from .state import QuantState
 
-#: Rows (tokens) up to which Linear4bit uses the fused kernel; above, dequantize + F.linear wins
-#: (bench/bench_infer.py on a 2-core AVX-512 machine, 4096x4096: fused is ~12x faster for 1 row,
-#: 2.8x for 8, 1.6x for 16, and slower from 32 rows; 8 leaves a margin for smaller layers).
+#: Rows (tokens) up to which Linear4bit uses the fused kernel where the committed crossover table
+#: (q4lab/_crossover.py, written by ``bench/bench_infer.py --write-crossover``) has no entry for
+#: the kernel form that runs (CUDA, or a CPU form not measured yet).
 FUSED_MAX_ROWS = 8
+_max_rows: dict = {}
+
+
+def fused_max_rows(device_type: str = "cpu") -> int:
+    """Rows of x up to which ``Linear4bit`` runs the fused kernel on ``device_type``: the committed
+    per-form crossover for the CPU form 'auto' picks here, else ``FUSED_MAX_ROWS``. A table, never
+    a timing at run time (a model's output bytes must not depend on one)."""
+    rows = _max_rows.get(device_type)
+    if rows is None:
+        from ._crossover import CROSSOVER_ROWS
+
+        form = (isas() or ["portable"])[-1] if device_type == "cpu" else device_type
+        rows = _max_rows[device_type] = int(CROSSOVER_ROWS.get(form, FUSED_MAX_ROWS))
+    return rows
 
 
 def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
@@ -76,6 +103,117 @@ def kernel_args(packed, state) -> tuple:
     return (packed.reshape(-1), state.absmax, state.state2.absmax if nested else None,
             state.offset.reshape(()).float() if nested else None, int(state.blocksize),
             state.quant_type, int(state.shape[0]))
+
+
+_repack_enabled = os.environ.get("Q4LAB_REPACK", "1") != "0"
+_CACHE_KEY = "_q4lab_decode_cache"
+
+
+def set_repack(enabled: bool) -> None:
+    """Allow (default) or forbid the decode layout copies made by ``decode_args``; forbidding does
+    not drop existing copies (``drop_decode_cache`` does)."""
+    global _repack_enabled
+    _repack_enabled = bool(enabled)
+
+
+#: Position p of the decode layout's 32-byte vectors holds row 32g + ROW_OF_POSITION[p]: after the
+#: AVX2 unpacks (which work inside 128-bit lanes) register j holds rows 8j .. 8j+7 in order
+#: (csrc/q4_matmul_rows.cpp).
+ROW_OF_POSITION = tuple(8 * (p // 4) + p % 4 if p < 16 else 8 * ((p - 16) // 4) + 4 + (p - 16) % 4
+                        for p in range(32))
+
+
+def repack_rows(packed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode layout of a (N, K) weight for the CPU ``rows`` form (docs/format.md, "Decode
+    layout"): the stored bytes reordered to uint8 (K/B, G, B/2, 32), G = ceil(N/32), where
+    ``[b, g, c, p]`` is byte c of block b of row ``32g + ROW_OF_POSITION[p]`` (0 past N), and the
+    absmax decoded to float32 (K/B, 32G) (0 past N). Needs K % B == 0 (every row has whole
+    blocks). The stored bytes stay as they are; this is a copy (about 1.125x their size at B=64)."""
+    n, k = (int(d) for d in state.shape)
+    b = int(state.blocksize)
+    if k % b:
+        raise ValueError(f"repack_rows needs in_features % blocksize == 0, got K={k}, B={b}")
+    if state.family != "bnb":
+        raise ValueError(f"the fused matmul reads NF4/FP4 weights, not {state.quant_type}")
+    groups = -(-n // 32)
+    codes = packed.reshape(-1)[: n * k // 2].reshape(n, k // b, b // 2)
+    if state.nested:
+        absmax = torch.ops.q4lab.dequantize_absmax(state.absmax.reshape(-1),
+                                                   state.state2.absmax.reshape(-1),
+                                                   state.offset.reshape(()).float())
+    else:
+        absmax = state.absmax.reshape(-1).float()
+    absmax = absmax.reshape(n, k // b)
+    pad = groups * 32 - n
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, k // b, b // 2)])
+        absmax = torch.cat([absmax, absmax.new_zeros(pad, k // b)])
+    order = torch.tensor(ROW_OF_POSITION)
+    codes = codes.reshape(groups, 32, k // b, b // 2)[:, order]        # (G, 32 positions, K/B, C)
+    return (codes.permute(2, 0, 3, 1).contiguous(),                      # (K/B, G, C, 32)
+            absmax.t().contiguous())                                     # (K/B, 32G), row order
+
+
+class _DecodeCache:
+    """One layer's kernel arguments for decode. The first call on a packed tensor object keeps only
+    weak references (an FSDP all-gather's tensor, new each forward, is never kept alive); a second
+    call on the same object, unwritten since, caches the arguments, with the blocked decode layout
+    where allowed (see the module docstring)."""
+    __slots__ = ("packed_ref", "state_ref", "version", "args", "blocked", "repackable")
+
+    def __init__(self, packed, state):
+        self.packed_ref, self.state_ref = weakref.ref(packed), weakref.ref(state)
+        self.version = packed._version
+        self.args = self.blocked = None
+        self.repackable = (type(packed) in (torch.Tensor, torch.nn.Parameter)
+                           and packed.device.type == "cpu"
+                           and int(state.shape[1]) % int(state.blocksize) == 0
+                           and "rows" in isas())
+
+    def matches(self, packed, state) -> bool:
+        return (self.packed_ref() is packed and self.state_ref() is state
+                and self.version == packed._version)
+
+
+def decode_args(owner, packed, state) -> tuple:
+    """The fused kernel's weight arguments for ``owner`` (a ``Linear4bit``), cached in it from the
+    second call on the same packed tensor, with the blocked decode layout in place of the stored
+    bytes where allowed (module docstring). Rebuilt when ``packed`` or ``state`` is replaced or
+    ``packed`` is written in place. Under torch.compile nothing is built: the cached arguments
+    (made by an eager call before), or the plain ones."""
+    cache = owner.__dict__.get(_CACHE_KEY)
+    if torch.compiler.is_compiling():
+        return cache.args if cache is not None and cache.args is not None \
+            else kernel_args(packed, state)
+    if cache is None or not cache.matches(packed, state):
+        owner.__dict__[_CACHE_KEY] = _DecodeCache(packed, state)
+        return kernel_args(packed, state)
+    if cache.args is None or (cache.blocked is None and cache.repackable and _repack_enabled):
+        args = kernel_args(packed, state)
+        if cache.repackable and _repack_enabled:
+            cache.blocked = repack_rows(packed, state)
+            args = cache.blocked + (None, None) + args[4:]
+        cache.args = args
+    return cache.args
+
+
+def drop_decode_cache(module) -> int:
+    """Drop every cached decode layout under ``module`` (a model or a layer); returns the bytes
+    freed. The next decode calls rebuild them lazily."""
+    freed = 0
+    for m in module.modules():
+        cache = m.__dict__.pop(_CACHE_KEY, None)
+        if cache is not None and cache.blocked is not None:
+            freed += sum(t.numel() * t.element_size() for t in cache.blocked)
+    return freed
+
+
+def decode_cache_bytes(module) -> int:
+    """Bytes held by decode layout copies under ``module``."""
+    return sum(t.numel() * t.element_size() for m in module.modules()
+               if m.__dict__.get(_CACHE_KEY) is not None
+               and m.__dict__[_CACHE_KEY].blocked is not None
+               for t in m.__dict__[_CACHE_KEY].blocked)
 
 
 def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None) -> torch.Tensor:
@@ -144,20 +282,24 @@ def _fused(x, packed, state, bias, which: str) -> torch.Tensor:
 def linear_forward(x: torch.Tensor, packed, state, bias, args=None) -> torch.Tensor:
     """``Linear4bit``'s fused path: the layer checked its packed weight and state when it was built,
     and the caller checked that a native kernel exists for x's device; only x is checked here.
-    ``args``: the layer's cached :func:`kernel_args` (decode calls this once per layer per token, so
-    the Python around the kernel is kept to a few tensor calls)."""
+    ``args``: the layer's cached :func:`decode_args` (decode calls this once per layer per token, so
+    the Python around the kernel is one shape check and one op call; docs/architecture.md says how
+    the per-call overhead is measured)."""
     k = state.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features={k}")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _fused(x.contiguous(), packed, state, bias, x.device.type)
-    y = _kernel(x.contiguous().view(-1, k), packed, state, bias, "auto", args)
+    if not _fake_registered:
+        register_fake()
+    y = torch.ops.q4lab.matmul_4bit.default(x.contiguous().view(-1, k),
+                                            *(args or kernel_args(packed, state)), bias, "auto")
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def isas() -> list[str]:
-    """The CPU instruction-set forms of the fused kernel compiled here ('portable', 'avx2',
-    'avx512'); 'auto' uses the last. All give the same bytes (tests/test_matmul.py)."""
+    """The CPU forms of the fused kernel compiled here ('portable', 'table', and 'rows' where the
+    build has AVX2); 'auto' uses the last. All give the same bytes (tests/test_matmul.py)."""
     if ops.kernel_status("cpu") is not True:
         return []
     register_fake()

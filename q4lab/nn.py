@@ -196,7 +196,7 @@ class Linear4bit(nn.Module):
                                    dtype=dtype or self.compute_dtype)
 
     #: Which matmul ``forward`` runs: "auto" (the fused kernel when autograd is off, as in
-    #: ``generate``, for inputs of at most ``q4lab.matmul.FUSED_MAX_ROWS`` rows where a native
+    #: ``generate``, for inputs of at most ``q4lab.matmul.fused_max_rows()`` rows where a native
     #: kernel is available; dequantize + ``F.linear`` otherwise, so training computes exactly what
     #: it always did), "fused" or "dequantize" (forced, e.g. to compare them). Settable per layer
     #: or on the class.
@@ -212,18 +212,14 @@ class Linear4bit(nn.Module):
         if torch.is_grad_enabled():
             return False
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
-        return rows <= fused_matmul.FUSED_MAX_ROWS and ops.kernel_status(x.device.type) is True
+        return (ops.kernel_status(x.device.type) is True
+                and rows <= fused_matmul.fused_max_rows(x.device.type))
 
     def _kernel_args(self) -> tuple:
-        """The fused kernel's weight arguments, built once and rebuilt only when ``packed`` or
-        ``quant_state`` is replaced by assignment (``.to()``, a new state); they are views, so a
-        weight copied into those tensors in place is seen as well."""
-        cached = self.__dict__.get("_kernel_args_cache")
-        packed, state = self._weight()
-        if cached is None or cached[0] is not packed or cached[1] is not state:
-            cached = (packed, state, fused_matmul.kernel_args(packed, state))
-            self.__dict__["_kernel_args_cache"] = cached
-        return cached[2]
+        """The fused kernel's weight arguments, cached in the layer by ``q4lab.matmul.decode_args``
+        (rebuilt when ``packed`` or ``quant_state`` is replaced or ``packed`` is written in place;
+        the decode layout copy it may hold is described there)."""
+        return fused_matmul.decode_args(self, *self._weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype

@@ -19,7 +19,6 @@ from q4lab import ops
 from q4lab import reference as ref
 from q4lab.constants import BLOCKSIZES, QUANT_TYPES
 from q4lab.nn import Linear4bit
-from q4lab.reference.matmul import LANES, TREE_WIDTHS
 from q4lab.testing import assert_bytes_equal, byte_mismatch
 
 F32 = np.float32
@@ -29,29 +28,34 @@ needs_cpu_kernels = pytest.mark.skipif(
 
 
 def literal_matmul(x: np.ndarray, packed, state, bias=None) -> np.ndarray:
-    """Steps 1-7 of reference/matmul.py read literally: scalar loops, one np.float32 op each."""
+    """Steps 1-6 of reference/matmul.py (order pair-chain-v2) read literally: scalar loops, one
+    np.float32 op each."""
     n_rows, k = state.shape
     table = ref.codebook(state.quant_type)
     absmax = ref.state_absmax(state)
     codes = ref.api.unpack_nibbles(packed, n_rows * k)
     out = np.zeros((x.shape[0], n_rows), dtype=F32)
     for m in range(x.shape[0]):
+        def product(f, o):
+            return F32(table[codes[f]] * F32(x[m, f - o * k]))
         for o in range(n_rows):
-            acc = [F32(0.0)] * LANES
+            acc = F32(0.0)
             e = o * k
             while e < (o + 1) * k:
                 b = e // state.blocksize
                 end = min((o + 1) * k, (b + 1) * state.blocksize)
-                s = [F32(0.0)] * LANES
-                for f in range(e, end):
-                    s[f % LANES] = F32(s[f % LANES] + F32(table[codes[f]] * F32(x[m, f - o * k])))
-                for lane in range(LANES):
-                    acc[lane] = F32(acc[lane] + F32(absmax[b] * s[lane]))
+                s = F32(0.0)
+                f = e
+                while f < end:
+                    if f % 2 == 0 and f + 1 < end:   # both elements of byte f // 2 in the segment
+                        s = F32(s + F32(product(f, o) + product(f + 1, o)))
+                        f += 2
+                    else:
+                        s = F32(s + product(f, o))
+                        f += 1
+                acc = F32(acc + F32(absmax[b] * s))
                 e = end
-            for w in TREE_WIDTHS:
-                for lane in range(w):
-                    acc[lane] = F32(acc[lane] + acc[lane + w])
-            out[m, o] = acc[0] if bias is None else F32(acc[0] + F32(bias[o]))
+            out[m, o] = acc if bias is None else F32(acc + F32(bias[o]))
     return out
 
 
@@ -92,7 +96,8 @@ def matmul_cases(seed: int = 0):
     input dtype, bias or not, several rows, every shape of SHAPES plus real layer shapes."""
     rng = torch.Generator().manual_seed(seed)
     cases = []
-    shapes = SHAPES + [(64, 576, 64), (40, 1536, 128), (33, 4096, 4096)]
+    # (141, 4096, 64): enough weights that the table form really runs on 2 threads (>= 2^18 each)
+    shapes = SHAPES + [(64, 576, 64), (40, 1536, 128), (33, 4096, 4096), (141, 4096, 64)]
     for i, (n, k, bs) in enumerate(shapes):
         qt = QUANT_TYPES[i % 3]
         for dq in (True, False):
@@ -124,16 +129,27 @@ def test_every_isa_matches_the_reference_at_any_thread_count(threads):
                 got = fused._kernel(x, packed, state, bias, isa)
                 assert got.dtype == x.dtype
                 assert_bytes_equal(expected, got, f"{name} isa={isa} threads={threads}")
+            if "rows" in fused.isas() and state.shape[1] % state.blocksize == 0:
+                assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias),  # decode layout
+                                   f"{name} rows layout threads={threads}")
     finally:
         torch.set_num_threads(before)
+
+
+def _rows_kernel(x, packed, state, bias):
+    """The `rows` form on the decode layout (q4lab.matmul.repack_rows) instead of the stored bytes;
+    the bias in x's dtype, as Linear4bit passes it."""
+    args = fused.repack_rows(packed, state) + (None, None) + fused.kernel_args(packed, state)[4:]
+    y = torch.ops.q4lab.matmul_4bit(x.reshape(-1, x.shape[-1]), *args, bias, "rows")
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @needs_cpu_kernels
 def test_isas_are_listed_and_a_bad_isa_is_refused():
     isas = fused.isas()
-    assert isas[0] == "portable" and set(isas) <= {"portable", "avx2", "avx512"}
+    assert isas[:2] == ["portable", "table"] and set(isas) <= {"portable", "table", "rows"}
     name, x, packed, state, bias = CASES[0]
-    with pytest.raises(RuntimeError, match="isa='sse9' is not compiled in"):
+    with pytest.raises(RuntimeError, match="isa='sse9' is not available"):
         fused._kernel(x, packed, state, bias, "sse9")
 
 
@@ -154,6 +170,8 @@ def test_kernels_match_reference_hypothesis(n, k, blocksize, quant_type, double_
     assert expected.shape == (rows, n)
     for isa in fused.isas():
         assert_bytes_equal(expected, fused._kernel(x, packed, state, bias, isa), f"isa={isa}")
+    if "rows" in fused.isas() and k % blocksize == 0:
+        assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias), "rows layout")
 
 
 @needs_cpu_kernels
@@ -293,7 +311,8 @@ def test_linear4bit_fused_path_follows_a_new_weight():
                 a.packed, a.quant_state = c.packed, c.quant_state
             assert a.uses_fused(x)
             expected = q4lab.matmul_4bit(x, source.packed, source.quant_state)
-            assert_bytes_equal(expected, a(x), f"Linear4bit's weight {step}")
+            for call in ("first call", "second call (decode layout cached)"):
+                assert_bytes_equal(expected, a(x), f"Linear4bit's weight {step}, {call}")
 
 
 # ---- CUDA: compiled by tests/test_cuda_compile.py (no GPU in CI), run where a GPU is ----------
