@@ -1,16 +1,15 @@
-"""Parts of bench/bench_infer.py: the 12-layer 4096x4096 GEMV yardstick of issue 21 (every CPU form,
-stored and blocked layout, float32 and bf16 rows, beside torch.sum and the inner loop's in-cache
-ceiling), the fused-vs-dequantize crossover per form (written to q4lab/_crossover.py), the
-standalone-vs-in-model rate of the 4-bit linears (profiled per token), and the synthetic ~1.1B
-Llama (hidden 2048, intermediate 5632, 16 layers, 32 heads, 4 KV heads, vocab 32000) built with
-random weights from transformers' ``LlamaConfig``.
+"""Parts of bench/bench_infer.py: the 12-layer 4096x4096 GEMV yardstick of issue 21 (every CPU
+form, the stored bytes and the decode layout, float32 and bf16 rows, beside torch.sum and the inner
+loop's in-cache ceiling), the fused-vs-dequantize crossover per form (written to
+q4lab/_crossover.py), the standalone-vs-in-model rate of the 4-bit linears (profiled per token),
+and the synthetic ~1.1B Llama (hidden 2048, intermediate 5632, 16 layers, 32 heads, 4 KV heads,
+vocab 32000) built with random weights from transformers' ``LlamaConfig``.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +39,8 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
     for i in range(GEMV_LAYERS):
         g = torch.Generator().manual_seed(i)
         packed, state = q4lab.quantize_4bit(torch.randn(n, k, generator=g), 64, "nf4", True)
-        args = fused.kernel_args(packed, state)
-        layers.append({"stored": args, "blocked": (fused.repack_blocks(packed, state),) + args[1:],
+        layers.append({"stored": fused.kernel_args(packed, state),
+                       "decode layout": decode_layout_args(packed, state),
                        "packed": packed, "state": state})
     packed_bytes = n * k // 2
     out = {"layers": GEMV_LAYERS, "shape": [n, k], "ms_per_layer": {}, "fraction_of_torch_sum": {}}
@@ -50,19 +49,21 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
         first = layers[0]
         expected = fused.matmul_4bit(x, first["packed"], first["state"], backend="reference")
         for isa in fused.isas()[1:]:
-            for layout in ("stored", "blocked"):
+            # given the stored bytes, 'rows' runs the table form: time it on its decode layout
+            for layout in ("decode layout",) if isa == "rows" else ("stored",):
                 got = torch.ops.q4lab.matmul_4bit(x, *first[layout], None, isa)
                 assert_bytes_equal(expected, got, f"gemv {isa} {layout} {dtype}")
-                t = best(lambda: [torch.ops.q4lab.matmul_4bit(x, *lay[layout], None, isa)
-                                  for lay in layers], passes) / len(layers)
+                t = best(lambda x=x, layout=layout, isa=isa: [
+                    torch.ops.q4lab.matmul_4bit(x, *lay[layout], None, isa) for lay in layers],
+                    passes) / len(layers)
                 name = f"{isa} {layout} {str(dtype).replace('torch.', '')}"
                 out["ms_per_layer"][name] = t * 1e3
                 out["fraction_of_torch_sum"][name] = packed_bytes / t / bandwidth
     # the inner loop's ceiling: one small layer that stays in L2, called over and over
     packed, state = q4lab.quantize_4bit(torch.randn(256, 1024), 64, "nf4", True)
-    args = (fused.repack_blocks(packed, state),) + fused.kernel_args(packed, state)[1:]
-    x = torch.randn(1, 1024)
     isa = fused.isas()[-1]
+    args = decode_layout_args(packed, state) if isa == "rows" else fused.kernel_args(packed, state)
+    x = torch.randn(1, 1024)
     t = best(lambda: [torch.ops.q4lab.matmul_4bit(x, *args, None, isa) for _ in range(200)],
              passes) / 200
     out["in_cache_ceiling"] = {"form": isa, "shape": [256, 1024],
@@ -71,24 +72,33 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
     return out
 
 
+def decode_layout_args(packed, state) -> tuple:
+    """The op's weight arguments with the decode layout of the `rows` form (what Linear4bit caches
+    from its second decode call on)."""
+    return fused.repack_rows(packed, state) + (None, None) + fused.kernel_args(packed, state)[4:]
+
+
 def crossover(passes: int = 3, write: bool = False) -> dict:
-    """Fused (blocked layout) vs dequantize + F.linear for 1-64 rows of x on a 4096x4096 layer, per
-    CPU form; the crossover is the largest row count up to which fused always wins. ``write``
-    regenerates q4lab/_crossover.py, the committed table Linear4bit reads (never a timing at run
+    """Fused (the decode layout for `rows`, the stored bytes for the other forms) vs dequantize +
+    F.linear for 1-64 rows of x on a 4096x4096 layer, per CPU form; the crossover is the largest
+    row count up to which fused always wins. ``write`` regenerates q4lab/_crossover.py, the
+    committed table Linear4bit reads (never a timing at run
     time: a model's output bytes must not depend on one)."""
     packed, state = q4lab.quantize_4bit(torch.randn(4096, 4096), 64, "nf4", True)
-    args = (fused.repack_blocks(packed, state),) + fused.kernel_args(packed, state)[1:]
     table, measured = {}, {}
     rows_list = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
     for isa in fused.isas():
+        args = decode_layout_args(packed, state) if isa == "rows" else \
+            fused.kernel_args(packed, state)
         measured[isa] = {}
         rows_ok = 0
         for rows in rows_list:
             x = torch.randn(rows, 4096)
             if isa == "portable" and rows > 4:
                 break
-            f_s = best(lambda: torch.ops.q4lab.matmul_4bit(x, *args, None, isa), passes)
-            d_s = best(lambda: F.linear(x, q4lab.dequantize_4bit(packed, state, torch.float32)),
+            f_s = best(lambda x=x, args=args, isa=isa:
+                       torch.ops.q4lab.matmul_4bit(x, *args, None, isa), passes)
+            d_s = best(lambda x=x: F.linear(x, q4lab.dequantize_4bit(packed, state, torch.float32)),
                        passes)
             measured[isa][rows] = {"fused_ms": f_s * 1e3, "dequantize_linear_ms": d_s * 1e3}
             if f_s >= d_s:
@@ -154,7 +164,7 @@ def linear_rates(model, tok, tokens: int) -> dict:
     argss = [m._kernel_args() for m in layers]
 
     def standalone():
-        for m, x, a in zip(layers, xs, argss):
+        for x, a in zip(xs, argss):
             torch.ops.q4lab.matmul_4bit(x, *a, None, "auto")
     alone_ms = 1e3 * best(standalone, 5)
     nbytes = sum(sum(q4lab.storage_bytes(m.quant_state).values()) for m in layers)

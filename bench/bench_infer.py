@@ -3,7 +3,7 @@
 decode, in one process (issue 21: GEMV toward the bandwidth limit; parts in bench/_infer_parts.py).
 
 Part 0 (issue 21): 12 distinct 4096x4096 NF4+DQ layers, one row, float32 and bf16, every CPU form
-of the kernel on the stored and on the blocked layout, as a fraction of torch.sum's bandwidth,
+of the kernel (the `rows` form on its decode layout), as a fraction of torch.sum's bandwidth,
 beside the inner loop's in-cache ceiling; then the fused/dequantize crossover per form
 (``--write-crossover`` regenerates q4lab/_crossover.py, the committed table Linear4bit reads).
 

@@ -70,7 +70,7 @@ def main() -> dict:
     layer_bytes = n * k // 2
     count = max(2, -(-4 * l2 // layer_bytes))
     layers = []
-    for i in range(count):
+    for _ in range(count):
         packed, state = q4lab.quantize_4bit(torch.randn(n, k, device="cuda"), 64, "nf4", True)
         layers.append((packed, state))
     read = layer_bytes + n * k // 64 + 4 * (n * k // 64 // 256) + 4 * k
@@ -80,7 +80,7 @@ def main() -> dict:
     out = {"shape": [n, k], "layers": count, "parity_checked": checked, "sum_GBps": sum_bw / 1e9}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, k, device="cuda", dtype=dtype)
-        t = event_seconds(lambda: [q4lab.matmul_4bit(x, p, s) for p, s in layers]) / count
+        t = event_seconds(lambda x=x: [q4lab.matmul_4bit(x, p, s) for p, s in layers]) / count
         name = str(dtype).replace("torch.", "")
         out[f"fused_{name}_us"] = t * 1e6
         out[f"fused_{name}_fraction_of_sum"] = read / t / sum_bw

@@ -36,7 +36,7 @@ def literal_matmul(x: np.ndarray, packed, state, bias=None) -> np.ndarray:
     codes = ref.api.unpack_nibbles(packed, n_rows * k)
     out = np.zeros((x.shape[0], n_rows), dtype=F32)
     for m in range(x.shape[0]):
-        def product(f, o):
+        def product(f, o, m=m):
             return F32(table[codes[f]] * F32(x[m, f - o * k]))
         for o in range(n_rows):
             acc = F32(0.0)
