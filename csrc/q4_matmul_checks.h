@@ -5,6 +5,7 @@
 #pragma once
 #include "q4_checks.h"
 #include "q4_matmul.h"
+#include <vector>
 
 namespace q4lab {
 
@@ -22,12 +23,13 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "q4lab: matmul_4bit input x has dtype ", dt, "; use float32, float16 or bfloat16");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
-              "q4lab: matmul_4bit input x must be a contiguous 2-D (rows, K) tensor, got shape ",
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(),
+              "q4lab: matmul_4bit input x must be a contiguous (..., K) tensor, got shape ",
               x.sizes(), x.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(out_features > 0, "q4lab: out_features=", out_features, " must be positive");
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1);
   TORCH_CHECK(K > 0, "q4lab: matmul_4bit input x has no columns (K=0)");
+  const int64_t M = x.numel() / K;  // x is (M, K) in memory, whatever its leading dimensions
   const int64_t n = out_features * K, nblocks = ceil_div(n, blocksize);
   const bool rows = packed.dim() == 4;
   check_same_device(x, packed, "packed");
@@ -85,11 +87,19 @@ inline MatmulShape check_matmul_args(const at::Tensor& x, const at::Tensor& pack
   return {M, K, out_features, nblocks, rows};
 }
 
+// x's shape with its last dimension K replaced by N: the shape of the op's output.
+inline std::vector<int64_t> matmul_out_sizes(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  return sizes;
+}
+
 inline void check_matmul_out(const at::Tensor& out, const at::Tensor& x, const MatmulShape& s) {
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == s.M && out.size(1) == s.N && out.is_contiguous() &&
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(matmul_out_sizes(x, s.N)) && out.is_contiguous() &&
               out.scalar_type() == x.scalar_type(),
-              "q4lab: output of matmul_4bit must be a contiguous (", s.M, ", ", s.N, ") ",
-              x.scalar_type(), " tensor, got ", out.scalar_type(), " of shape ", out.sizes());
+              "q4lab: output of matmul_4bit must be a contiguous ", x.scalar_type(), " tensor of x's "
+              "shape with its last dimension ", s.N, ", got ", out.scalar_type(), " of shape ",
+              out.sizes());
   check_same_device(x, out, "out");
 }
 
@@ -117,7 +127,7 @@ struct Q4MatmulOps {
                                 const c10::optional<at::Tensor>& bias, c10::string_view isa) {
     const MatmulShape shape = check_matmul_args(x, packed, absmax, absmax2, offset, blocksize,
                                                 out_features, bias);
-    at::Tensor out = at::empty({shape.M, shape.N}, x.options());
+    at::Tensor out = at::empty(matmul_out_sizes(x, shape.N), x.options());
     MatmulOut(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias, isa,
               out);
     return out;

@@ -250,7 +250,7 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   while ((int64_t(1) << log2b) < blocksize) ++log2b;
   const Q4Codebook cb = q4_make_codebook(parse_quant_type(quant_type));
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // exact
-  at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty({shape.M, shape.N}, xf.options());
+  at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), xf.options());
   float* ys = y.data_ptr<float>();
   if (shape.rows) {
     TORCH_CHECK(isa == Isa::kRows, "q4lab: the decode layout (q4lab.matmul.repack_rows) is read "

@@ -57,6 +57,19 @@ def fused_max_rows(device_type: str = "cpu") -> int:
     return rows
 
 
+_auto_rows: dict = {}
+
+
+def auto_fused_rows(device_type: str) -> int:
+    """``fused_max_rows(device_type)`` where the native kernels load, else 0: what
+    ``Linear4bit.forward`` compares a call's row count with (cached: one dict lookup per call)."""
+    rows = _auto_rows.get(device_type)
+    if rows is None:
+        rows = _auto_rows[device_type] = (fused_max_rows(device_type)
+                                          if ops.kernel_status(device_type) is True else 0)
+    return rows
+
+
 def check_matmul_args(x, packed, state, bias) -> tuple[int, int]:
     """Raise a clear error for anything ``matmul_4bit`` cannot take; returns (N, K)."""
     if not isinstance(x, torch.Tensor):
@@ -290,11 +303,11 @@ def linear_forward(x: torch.Tensor, packed, state, bias, args=None) -> torch.Ten
         raise ValueError(f"input has {x.shape[-1]} features but the layer has in_features={k}")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _fused(x.contiguous(), packed, state, bias, x.device.type)
-    if not _fake_registered:
+    if _op is None:
         register_fake()
-    y = torch.ops.q4lab.matmul_4bit.default(x.contiguous().view(-1, k),
-                                            *(args or kernel_args(packed, state)), bias, "auto")
-    return y.view(*x.shape[:-1], y.shape[-1])
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _op(x, *(args or kernel_args(packed, state)), bias, "auto")  # (..., K) -> (..., N)
 
 
 def isas() -> list[str]:
@@ -307,12 +320,13 @@ def isas() -> list[str]:
 
 
 _fake_registered = False
+_op = None  # torch.ops.q4lab.matmul_4bit.default, looked up once by register_fake
 
 
 def register_fake() -> None:
     """Shapes without data, for torch.compile and opcheck (pattern of pytorch/extension-cpp);
     registered once, after the kernels are loaded (the ops must exist first)."""
-    global _fake_registered
+    global _fake_registered, _op
     if _fake_registered:
         return
     _fake_registered = True
@@ -320,6 +334,7 @@ def register_fake() -> None:
     @torch.library.register_fake("q4lab::matmul_4bit")
     def _(x, packed, absmax, absmax2, offset, blocksize, quant_type, out_features, bias,
           isa="auto"):
-        return x.new_empty((x.shape[0], out_features))
+        return x.new_empty((*x.shape[:-1], out_features))
 
     torch.library.register_fake("q4lab::matmul_4bit_out")(lambda *args, **kwargs: None)
+    _op = torch.ops.q4lab.matmul_4bit.default

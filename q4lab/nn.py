@@ -205,15 +205,14 @@ class Linear4bit(nn.Module):
     def uses_fused(self, x: torch.Tensor) -> bool:
         """True if ``forward(x)`` runs the fused matmul (``q4lab.matmul_4bit``)."""
         path = self.matmul_path
-        if path not in ("auto", "fused", "dequantize"):
-            raise ValueError(f"matmul_path={path!r} is not 'auto', 'fused' or 'dequantize'")
         if path != "auto":
+            if path not in ("fused", "dequantize"):
+                raise ValueError(f"matmul_path={path!r} is not 'auto', 'fused' or 'dequantize'")
             return path == "fused"
         if torch.is_grad_enabled():
             return False
         rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 1
-        return (ops.kernel_status(x.device.type) is True
-                and rows <= fused_matmul.fused_max_rows(x.device.type))
+        return rows <= fused_matmul.auto_fused_rows(x.device.type)
 
     def _kernel_args(self) -> tuple:
         """The fused kernel's weight arguments, cached in the layer by ``q4lab.matmul.decode_args``
@@ -222,17 +221,23 @@ class Linear4bit(nn.Module):
         return fused_matmul.decode_args(self, *self._weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
+        # Decode calls this once per layer per token: every step below is skipped when it would do
+        # nothing (docs/architecture.md, "Per-call overhead").
+        in_dtype, compute = x.dtype, self.compute_dtype
+        bias = self.bias
         # The bias is rounded to the compute dtype here, once, and handed on in that dtype on both
         # paths (the fused op widens it itself): torch.compile keeps the rounding (format.md §15).
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        x = x.to(self.compute_dtype)
+        if bias is not None and bias.dtype != compute:
+            bias = bias.to(compute)
+        if in_dtype != compute:
+            x = x.to(compute)
         packed, state = self._weight()
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
-            y = fused_matmul.linear_forward(x, packed, state, bias, self._kernel_args())
+            y = fused_matmul.linear_forward(x, packed, state, bias,
+                                            fused_matmul.decode_args(self, packed, state))
         else:                   # prefill / training: dequantize once, one float matmul
             y = _DequantMatmul.apply(x, packed, state, bias)
-        return y.to(in_dtype)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

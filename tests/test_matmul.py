@@ -239,8 +239,17 @@ def test_op_checks_guard_direct_calls():
     op = torch.ops.q4lab.matmul_4bit
     with pytest.raises(RuntimeError, match="packed has 256 bytes but a \\(8, 63\\) weight"):
         op(torch.randn(1, 63), packed, state.absmax, None, None, 64, "nf4", 8, None)
-    with pytest.raises(RuntimeError, match="contiguous 2-D"):
-        op(torch.randn(64), packed, state.absmax, None, None, 64, "nf4", 8, None)
+    with pytest.raises(RuntimeError, match="contiguous \\(..., K\\) tensor"):
+        op(torch.randn(64, 2).t(), packed, state.absmax, None, None, 64, "nf4", 8, None)
+    with pytest.raises(RuntimeError, match="contiguous \\(..., K\\) tensor"):
+        op(torch.tensor(1.0), packed, state.absmax, None, None, 64, "nf4", 8, None)
+    # any leading shape: (..., K) -> (..., N), the same bytes as the rows one by one
+    x = torch.randn(2, 3, 64)
+    y = op(x, packed, state.absmax, None, None, 64, "nf4", 8, None)
+    assert y.shape == (2, 3, 8)
+    assert_bytes_equal(op(x.reshape(6, 64), packed, state.absmax, None, None, 64, "nf4", 8,
+                          None).reshape(2, 3, 8), y, "(2, 3, K) input")
+    assert op(torch.randn(64), packed, state.absmax, None, None, 64, "nf4", 8, None).shape == (8,)
     with pytest.raises(RuntimeError, match="blocksize=48"):
         op(torch.randn(1, 64), packed, state.absmax, None, None, 48, "nf4", 8, None)
     with pytest.raises(RuntimeError, match="offset given without absmax2"):
