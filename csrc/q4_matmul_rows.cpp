@@ -43,7 +43,7 @@ namespace {
 constexpr int kPlaneBytes = 32;              // one 16-byte plane, twice (both 128-bit lanes)
 constexpr int kProductBytes = 4 * kPlaneBytes;  // the 4 byte planes of one k's 16 products
 // Layers below this many weights per thread run on fewer threads (a wake-up must pay off).
-constexpr int64_t kMinWeightsPerThread = 1 << 18;
+constexpr int64_t kMinWeightsPerThread = 1 << 15;
 
 // The byte planes of RN(t[v] * x[k]) for k in [0, nk): T[k][plane][lane copy][v].
 inline void build_planes(const float* table, const float* x, int64_t nk, uint8_t* T) {

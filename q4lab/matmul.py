@@ -122,6 +122,11 @@ _repack_enabled = os.environ.get("Q4LAB_REPACK", "1") != "0"
 _CACHE_KEY = "_q4lab_decode_cache"
 
 
+def repack_enabled() -> bool:
+    """Whether decode layout copies may be built (``set_repack``, ``Q4LAB_REPACK``)."""
+    return _repack_enabled
+
+
 def set_repack(enabled: bool) -> None:
     """Allow (default) or forbid the decode layout copies made by ``decode_args``; forbidding does
     not drop existing copies (``drop_decode_cache`` does)."""
@@ -142,13 +147,31 @@ def repack_rows(packed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor
     ``[b, g, c, p]`` is byte c of block b of row ``32g + ROW_OF_POSITION[p]`` (0 past N), and the
     absmax decoded to float32 (K/B, 32G) (0 past N). Needs K % B == 0 (every row has whole
     blocks). The stored bytes stay as they are; this is a copy (about 1.125x their size at B=64)."""
+    return _rows_layout([_rows_of(packed, state)])
+
+
+def repack_rows_stacked(weights) -> tuple:
+    """The op's weight arguments for the rows of several (packed, state) weights with equal K,
+    blocksize and codebook stacked in order (q4lab/decode_groups.py): one decode layout of
+    N1 + N2 + ... rows."""
+    _, first = weights[0]
+    for _, state in weights[1:]:
+        if (state.shape[1], state.blocksize, state.quant_type) != \
+                (first.shape[1], first.blocksize, first.quant_type):
+            raise ValueError("stacked weights need equal in_features, blocksize and quant_type")
+    codes, absmax = _rows_layout([_rows_of(p, s) for p, s in weights])
+    return (codes, absmax, None, None, int(first.blocksize), first.quant_type,
+            sum(int(s.shape[0]) for _, s in weights))
+
+
+def _rows_of(packed, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K/B, B/2) uint8, decoded absmax (N, K/B) float32) of one weight."""
     n, k = (int(d) for d in state.shape)
     b = int(state.blocksize)
     if k % b:
         raise ValueError(f"repack_rows needs in_features % blocksize == 0, got K={k}, B={b}")
     if state.family != "bnb":
         raise ValueError(f"the fused matmul reads NF4/FP4 weights, not {state.quant_type}")
-    groups = -(-n // 32)
     codes = packed.reshape(-1)[: n * k // 2].reshape(n, k // b, b // 2)
     if state.nested:
         absmax = torch.ops.q4lab.dequantize_absmax(state.absmax.reshape(-1),
@@ -156,13 +179,20 @@ def repack_rows(packed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor
                                                    state.offset.reshape(()).float())
     else:
         absmax = state.absmax.reshape(-1).float()
-    absmax = absmax.reshape(n, k // b)
+    return codes, absmax.reshape(n, k // b)
+
+
+def _rows_layout(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.cat([c for c, _ in parts]) if len(parts) > 1 else parts[0][0]
+    absmax = torch.cat([a for _, a in parts]) if len(parts) > 1 else parts[0][1]
+    n, nb, half = codes.shape
+    groups = -(-n // 32)
     pad = groups * 32 - n
     if pad:
-        codes = torch.cat([codes, codes.new_zeros(pad, k // b, b // 2)])
-        absmax = torch.cat([absmax, absmax.new_zeros(pad, k // b)])
+        codes = torch.cat([codes, codes.new_zeros(pad, nb, half)])
+        absmax = torch.cat([absmax, absmax.new_zeros(pad, nb)])
     order = torch.tensor(ROW_OF_POSITION)
-    codes = codes.reshape(groups, 32, k // b, b // 2)[:, order]        # (G, 32 positions, K/B, C)
+    codes = codes.reshape(groups, 32, nb, half)[:, order]                # (G, 32 positions, K/B, C)
     return (codes.permute(2, 0, 3, 1).contiguous(),                      # (K/B, G, C, 32)
             absmax.t().contiguous())                                     # (K/B, 32G), row order
 
@@ -211,22 +241,32 @@ def decode_args(owner, packed, state) -> tuple:
 
 
 def drop_decode_cache(module) -> int:
-    """Drop every cached decode layout under ``module`` (a model or a layer); returns the bytes
-    freed. The next decode calls rebuild them lazily."""
-    freed = 0
+    """Drop every cached decode layout under ``module`` (a model or a layer; sibling groups' stacked
+    layouts too); returns the bytes freed. The next decode calls rebuild them lazily."""
+    from .decode_groups import group_of
+
+    freed, groups = 0, {}
     for m in module.modules():
         cache = m.__dict__.pop(_CACHE_KEY, None)
         if cache is not None and cache.blocked is not None:
             freed += sum(t.numel() * t.element_size() for t in cache.blocked)
-    return freed
+        if group_of(m) is not None:
+            groups[id(group_of(m))] = group_of(m)
+    return freed + sum(g.drop() for g in groups.values())
 
 
 def decode_cache_bytes(module) -> int:
-    """Bytes held by decode layout copies under ``module``."""
-    return sum(t.numel() * t.element_size() for m in module.modules()
-               if m.__dict__.get(_CACHE_KEY) is not None
-               and m.__dict__[_CACHE_KEY].blocked is not None
-               for t in m.__dict__[_CACHE_KEY].blocked)
+    """Bytes held by decode layout copies under ``module`` (sibling groups' included)."""
+    from .decode_groups import group_of
+
+    total, groups = 0, {}
+    for m in module.modules():
+        cache = m.__dict__.get(_CACHE_KEY)
+        if cache is not None and cache.blocked is not None:
+            total += sum(t.numel() * t.element_size() for t in cache.blocked)
+        if group_of(m) is not None:
+            groups[id(group_of(m))] = group_of(m)
+    return total + sum(g.cache_bytes() for g in groups.values())
 
 
 def _kernel(x2d: torch.Tensor, packed, state, bias, isa: str = "auto", args=None) -> torch.Tensor:

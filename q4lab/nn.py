@@ -233,8 +233,11 @@ class Linear4bit(nn.Module):
             x = x.to(compute)
         packed, state = self._weight()
         if self.uses_fused(x):  # decode: read the 4-bit bytes once, never dequantize
-            y = fused_matmul.linear_forward(x, packed, state, bias,
-                                            fused_matmul.decode_args(self, packed, state))
+            group = self.__dict__.get("_q4lab_siblings")  # q/k/v, gate/up: q4lab/decode_groups.py
+            y = None if group is None else group.forward(self, x, bias)
+            if y is None:
+                y = fused_matmul.linear_forward(x, packed, state, bias,
+                                                fused_matmul.decode_args(self, packed, state))
         else:                   # prefill / training: dequantize once, one float matmul
             y = _DequantMatmul.apply(x, packed, state, bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)

@@ -120,6 +120,9 @@ def quantize_model(model: nn.Module, cfg: Q4Config | None = None, progress: bool
         if id(linear) not in replaced:
             replaced[id(linear)] = (linear, _quantize_one(linear, cfg, shared, keep_error_stats))
         set_submodule(model, name, replaced[id(linear)][1])
+    from .decode_groups import link_siblings
+
+    link_siblings(model)  # q/k/v and gate/up decode as one call each (same bytes)
     return model
 
 

@@ -388,6 +388,9 @@ def from_pretrained(directory, compute_dtype: torch.dtype | None = None, progres
         used |= {k for k in state if k == prefix + ".weight" or k.startswith(prefix + ".weight.")
                  or k == prefix + ".bias"}
     _assign_rest(model, {k: v for k, v in state.items() if k not in used}, directory)
+    from ..decode_groups import link_siblings
+
+    link_siblings(model)  # q/k/v and gate/up decode as one call each (same bytes)
     return model.eval()
 
 
