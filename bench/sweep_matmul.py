@@ -1,9 +1,12 @@
 """A large randomized sweep of the fused matmul: every compiled CPU form of ``torch.ops.q4lab.
-matmul_4bit`` (portable, AVX2, AVX-512) against the NumPy spec ``q4lab.reference.matmul_4bit``,
-byte for byte, at 1 and 2 threads (docs/format.md §12-§16).
+matmul_4bit`` (portable, table, rows; rows on the stored bytes and on its decode layout
+``q4lab.matmul.repack_rows``) against the NumPy spec ``q4lab.reference.matmul_4bit``, byte for
+byte, at 1 and 2 threads (docs/format.md §12-§16, order pair-chain-v2).
 
-Each case draws a shape (rows N 1-48, columns K 1-320 with a bias toward multiples of 32, where the
-SIMD forms run), a blocksize 32-512, a quant type, nesting, an input dtype, 0-4 input rows, a bias
+Each case draws a shape (rows N 1-80, columns K 1-320 with a bias toward multiples of 32, where the
+fast forms run; one case in 20 a layer of 64-320 rows by 64-2048 columns, large enough that the
+rows form splits it over 2 threads), a blocksize 32-512, a quant type, nesting, an input dtype,
+0-4 input rows, a bias
 or not, and a weight scale spanning 2^-20 to 2^20 (with all-zero rows now and then). Mismatches are
 reported with case, form and "k/n bytes differ, first at i". Writes
 bench/results/sweep_matmul_cpu.json.
@@ -29,8 +32,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def draw_case(rng: np.random.Generator):
-    n = int(rng.integers(1, 49))
-    k = int(rng.integers(1, 11)) * 32 if rng.random() < 0.6 else int(rng.integers(1, 321))
+    if rng.random() < 0.05:
+        n, k = int(rng.integers(64, 321)), int(rng.integers(1, 33)) * 64
+    else:
+        n = int(rng.integers(1, 81))
+        k = int(rng.integers(1, 11)) * 32 if rng.random() < 0.6 else int(rng.integers(1, 321))
     blocksize = int(rng.choice(BLOCKSIZES[:5]))
     quant_type = str(rng.choice(QUANT_TYPES))
     nested = bool(rng.random() < 0.5)
@@ -68,6 +74,15 @@ def main() -> dict:
             compared += 1
             if msg is not None:
                 mismatches.append(f"case {case} {desc} isa={isa} threads={threads}: {msg}")
+        if "rows" in isas and state.shape[1] % state.blocksize == 0:
+            decode_args = fused.repack_rows(packed, state) + (None, None) + \
+                fused.kernel_args(packed, state)[4:]
+            msg = byte_mismatch(expected,
+                                torch.ops.q4lab.matmul_4bit(x, *decode_args, bias, "rows"))
+            compared += 1
+            if msg is not None:
+                mismatches.append(f"case {case} {desc} rows decode layout threads={threads}: "
+                                  f"{msg}")
     seconds = clock.stop()
     result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas,
               "comparisons": compared,

@@ -21,6 +21,8 @@ sibling called with anything else computes its own as usual. The stacked decode 
 lazily (at the second call on the same weights, like ``q4lab.matmul.decode_args``), rebuilt when
 any sibling's weight is replaced or written in place, counted by ``decode_cache_bytes`` and
 dropped by ``drop_decode_cache``; grouping never runs under autograd or ``torch.compile``.
+Before compiling a model, ``unlink_siblings(model)`` and decode a token or two eagerly: compiled
+code then finds every layer's own decode layout (bench/bench_infer.py ``--compile`` does so).
 """
 from __future__ import annotations
 
