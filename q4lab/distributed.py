@@ -166,6 +166,27 @@ def _state(model, optimizer):
     return {"model": model_sd, "optimizer": optim_sd}, options
 
 
+def train_step(model: nn.Module, optimizer, input_ids: torch.Tensor,
+               reduce: bool | None = None) -> float:
+    """One causal-LM training step on this rank's rows: forward with labels = inputs, backward,
+    ``optimizer.step()``, ``zero_grad``; returns the loss averaged over the ranks (float32 sum /
+    world size: the whole batch's loss when every rank has as many rows) when ``reduce`` (default:
+    when a process group of more than one rank is up), else this process's loss. ``reduce=False``
+    for a model trained by one rank alone inside a group. The one training step of
+    ``q4lab finetune``, the FSDP demo and the multi-rank tests."""
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    value = loss.detach().clone()
+    if reduce is None:
+        reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if reduce:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
 def save_checkpoint(model: nn.Module, optimizer, directory, step: int) -> str:
     """Write a sharded checkpoint of the trainable parameters and the optimizer state with
     ``torch.distributed.checkpoint`` (every rank writes its own shards; the frozen 4-bit base is

@@ -109,14 +109,7 @@ def finetune(args) -> dict:
     for step in bar:
         rows = order[step * args.batch:(step + 1) * args.batch][rank * per_rank:
                                                                 (rank + 1) * per_rank]
-        ids = blocks[rows]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        value = loss.detach().clone()
-        dist.all_reduce(value)
-        losses.append(value.item() / world)
+        losses.append(qdist.train_step(model, opt, blocks[rows]))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             qdist.save_checkpoint(model, opt, ckpt, step + 1)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .distributed import train_step
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -43,16 +45,7 @@ def train(model, batches, rank: int = 0, world: int = 1, reduce: bool = False):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for ids in batches:
-        ids = ids.chunk(world)[rank]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        value = loss.detach().clone()
-        if reduce:
-            dist.all_reduce(value)
-            value /= world
-        losses.append(value.item())
+        losses.append(train_step(model, opt, ids.chunk(world)[rank], reduce))
     return losses, opt
 
 

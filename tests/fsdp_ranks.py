@@ -219,16 +219,7 @@ def train(model, batches, rows: slice, opt=None, start=0, group=None):
                                    lr=1e-2, weight_decay=0.01)
     losses = []
     for ids in batches[start:]:
-        ids = ids[rows]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        value = loss.detach().clone()
-        if group:
-            dist.all_reduce(value)
-            value /= dist.get_world_size()
-        losses.append(value.item())
+        losses.append(qdist.train_step(model, opt, ids[rows], bool(group)))
     return losses, opt
 
 
