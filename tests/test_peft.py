@@ -24,7 +24,7 @@ peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from helpers import bnb_load, tiny_llama  # noqa: E402
+from helpers import bnb_load, exact_bnb, tiny_llama  # noqa: E402
 
 F32 = torch.float32
 
@@ -157,3 +157,50 @@ def test_load_adapters_errors_on_broken_directories(q4_with_adapters, tmp_path):
                            target_modules=("q_proj", "v_proj"))
     with pytest.raises(ValueError, match="does not match"):
         q4lab.load_adapters(other, adapter)
+
+
+def test_save_adapters_records_the_base_model_peft_loads_it(q4_with_adapters, tmp_path):
+    """A model opened with ``q4lab.from_pretrained(base)`` remembers ``base`` (transformers'
+    ``name_or_path``); ``adapter_config.json`` names it, ``PeftModel.from_pretrained`` reads it
+    and ``AutoPeftModelForCausalLM`` loads the base from it alone, giving q4lab's logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    model, base, _ = q4_with_adapters
+    ours = q4lab.from_pretrained(base)
+    q4lab.add_lora(ours, r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    randomize_lora_B(ours, seed=5)
+    cfg = q4lab.save_adapters(ours, tmp_path / "adapter")
+    on_disk = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == on_disk["base_model_name_or_path"] == str(base)
+    theirs = PeftModel.from_pretrained(bnb_load(base), str(tmp_path / "adapter"))
+    assert theirs.peft_config["default"].base_model_name_or_path == str(base)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), device_map="cpu")
+    auto = exact_bnb(auto).eval()
+    assert_bytes_equal(logits(ours), logits(auto), "logits PEFT loaded from the adapter alone")
+    meta = q4lab.save_adapters(ours, tmp_path / "a.safetensors")
+    assert meta["base_model_name_or_path"] == str(base)
+    _, read_back = q4lab.formats.peft.read_adapters(tmp_path / "a.safetensors")
+    assert read_back["base_model_name_or_path"] == str(base)
+
+
+def test_save_adapters_base_model_given_unknown_and_refused(q4_with_adapters, tmp_path):
+    from pathlib import Path
+
+    model, base, _ = q4_with_adapters   # quantized in memory from a config: no name recorded
+    assert q4lab.save_adapters(model, tmp_path / "a")["base_model_name_or_path"] is None
+    assert "base_model_name_or_path" not in q4lab.save_adapters(model, tmp_path / "a.safetensors")
+    given = q4lab.save_adapters(model, tmp_path / "b", base_model_name_or_path="org/tiny-llama")
+    assert given["base_model_name_or_path"] == "org/tiny-llama"
+    assert peft.PeftConfig.from_pretrained(str(tmp_path / "b")).base_model_name_or_path == \
+        "org/tiny-llama"
+    as_path = q4lab.save_adapters(model, tmp_path / "c", base_model_name_or_path=Path(base))
+    assert as_path["base_model_name_or_path"] == str(base)
+    loaded = q4lab.from_pretrained(base)   # the caller's name wins over the recorded one
+    q4lab.add_lora(loaded, r=4, alpha=8, target_modules=("q_proj",))
+    assert q4lab.save_adapters(loaded, tmp_path / "d", base_model_name_or_path="org/x")[
+        "base_model_name_or_path"] == "org/x"
+    with pytest.raises(TypeError, match="as a str"):
+        q4lab.save_adapters(model, tmp_path / "e", base_model_name_or_path=3)
+    with pytest.raises(ValueError, match="is empty"):
+        q4lab.save_adapters(model, tmp_path / "e", base_model_name_or_path=" ")
+    assert not (tmp_path / "e").exists()

@@ -2,7 +2,8 @@
 ``save_adapters`` / ``load_adapters`` / ``read_adapters`` (``q4lab.save_adapters`` etc.).
 
 Source: peft 0.21 ``PeftModel.save_pretrained``: ``adapter_config.json`` (a ``LoraConfig``:
-``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) and
+``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
+``base_model_name_or_path``: what ``peft.AutoPeftModelForCausalLM`` loads the base from) and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r x in) and
 ``.lora_B.weight`` (out x r) (``utils/save_and_load.py::get_peft_model_state_dict``). PEFT's forward
 over a bnb 4-bit layer is ``base(x) + lora_B(lora_A(dropout(x))) * lora_alpha / r``
@@ -15,6 +16,7 @@ and the target names in its metadata. Writes go through ``q4lab.formats.atomic``
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -41,9 +43,37 @@ def _target_names(model: nn.Module, names: list) -> list:
     return short if hit == set(names) else sorted(names)
 
 
-def save_peft_adapters(model: nn.Module, directory) -> dict:
+def base_model_name(model: nn.Module, given=None) -> str | None:
+    """The base model's hub id or directory for ``adapter_config.json``: ``given`` when the caller
+    names it, else what transformers recorded when the model was loaded (``model.name_or_path``,
+    set from ``config._name_or_path`` by ``from_pretrained``, also ``q4lab.from_pretrained``), else
+    None. ``""`` (a model built from a config) counts as unknown, as in peft's
+    ``mapping_func.get_peft_model``."""
+    if given is not None:
+        if isinstance(given, os.PathLike):
+            given = os.fspath(given)
+        if not isinstance(given, str):
+            raise TypeError(f"base_model_name_or_path={given!r} is a {type(given).__name__}; "
+                            f"pass the base model's hub id or directory as a str (or None to "
+                            f"take it from the model)")
+        if not given.strip():
+            raise ValueError("base_model_name_or_path is empty; pass the base model's hub id "
+                             "or directory (or None to take it from the model)")
+        return given
+    for owner, attr in ((model, "name_or_path"), (getattr(model, "config", None), "_name_or_path")):
+        name = getattr(owner, attr, None)
+        if isinstance(name, os.PathLike):
+            name = os.fspath(name)
+        if isinstance(name, str) and name.strip():
+            return name
+    return None
+
+
+def save_peft_adapters(model: nn.Module, directory, base_model_name_or_path=None) -> dict:
     """Write ``model``'s LoRA adapters as a PEFT adapter directory (``adapter_config.json`` +
-    ``adapter_model.safetensors`` with PEFT's key names); returns the config written."""
+    ``adapter_model.safetensors`` with PEFT's key names); returns the config written.
+    ``base_model_name_or_path``: :func:`base_model_name` (the caller's, else the model's, else
+    None); ``peft.AutoPeftModelForCausalLM`` loads the base from it."""
     from safetensors.torch import save_file
 
     layers = {n: m for n, m in lora_layers(model).items() if n}
@@ -53,7 +83,7 @@ def save_peft_adapters(model: nn.Module, directory) -> dict:
     dropout = max(float(getattr(m.lora_dropout, "p", 0.0)) for m in layers.values())
     causal = type(model).__name__.endswith("ForCausalLM")
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None,
-           "base_model_name_or_path": None, "r": r,
+           "base_model_name_or_path": base_model_name(model, base_model_name_or_path), "r": r,
            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
            "lora_dropout": dropout, "target_modules": _target_names(model, sorted(layers)),
            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -162,18 +192,23 @@ def adapter_metadata(layers: dict[str, LoRALinear4bit]) -> dict[str, str]:
             "modules": json.dumps(sorted(layers))}
 
 
-def save_adapters(model: nn.Module, path) -> dict:
+def save_adapters(model: nn.Module, path, *, base_model_name_or_path=None) -> dict:
     """Write only the adapters. ``path`` not ending in ``.safetensors``: a PEFT adapter directory
     (``adapter_config.json`` + ``adapter_model.safetensors``, keys
     ``base_model.model.<module>.lora_A.weight``) that ``peft.PeftModel.from_pretrained`` loads over
     the transformers + bitsandbytes base (``formats.peft.save_peft_adapters``); returns its config.
     ``path`` ending in ``.safetensors``: q4lab's single file, keys ``<module>.lora_A.weight``
     (r x in) and ``<module>.lora_B.weight`` (out x r) in the compute dtype, r, alpha, dropout and
-    the target names in the file's metadata; returns the metadata."""
+    the target names in the file's metadata; returns the metadata. Both record the base model
+    (``base_model_name_or_path``, in the single file's metadata only when known): the
+    ``base_model_name_or_path`` given here, else the one transformers recorded on loading
+    (``model.name_or_path``: ``q4lab.from_pretrained(path)`` and ``from_pretrained(hub_id)``
+    set it), else None (:func:`base_model_name`)."""
     from safetensors.torch import save_file
 
     if not str(path).endswith(".safetensors"):
-        return save_peft_adapters(model, path)
+        return save_peft_adapters(model, path, base_model_name_or_path)
+    base = base_model_name(model, base_model_name_or_path)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapters: the model has no LoRA adapters (call q4lab.add_lora)")
@@ -182,6 +217,8 @@ def save_adapters(model: nn.Module, path) -> dict:
         for part in ("lora_A", "lora_B"):
             tensors[f"{name}.{part}.weight"] = getattr(m, part).weight.detach().cpu().contiguous()
     meta = adapter_metadata(layers)
+    if base is not None:
+        meta["base_model_name_or_path"] = base
     with replace_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return meta
