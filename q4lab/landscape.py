@@ -247,13 +247,13 @@ def traces(rows: list[dict]) -> list:
                               line=dict(color="#999", dash="dot"), hoverinfo="skip",
                               name=f"equal bits: {a['label']} vs {b['label']}",
                               showlegend=False))
+    where = _label_sides(quantized)
     for fam in dict.fromkeys(r["family"] for r in quantized):
         recs = [r for r in quantized if r["family"] == fam]
         out.append(go.Scatter(
             x=[r["bits_per_param"] for r in recs], y=[r["perplexity"] for r in recs],
             mode="markers+text", text=[r["label"] for r in recs], name=fam,
-            textposition=["top center" if i % 2 == 0 else "bottom center"
-                          for i in range(len(recs))], cliponaxis=False,
+            textposition=[where[id(r)] for r in recs], cliponaxis=False,
             marker=dict(size=11, color=FAMILY_COLORS.get(fam, "#9467bd")),
             customdata=[[r["kl"], 100 * r["top1"]] for r in recs],
             hovertemplate="%{text}<br>%{x:.3f} bits/param<br>perplexity %{y:.3f}<br>"
@@ -267,6 +267,22 @@ def traces(rows: list[dict]) -> list:
                               name=f"source model ({source['perplexity']:.2f})",
                               hoverinfo="skip"))
     return out
+
+
+def _label_sides(rows: list[dict]) -> dict:
+    """Where each point's label goes: above a point alone at its bits, else (several formats at
+    the same bits, e.g. 4.5) right and left in turn, in order of perplexity, so that the
+    labels of neighbouring points never share a side."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(round(r["bits_per_param"], 2), []).append(r)
+    where = {}
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["perplexity"])
+        for i, r in enumerate(ranked):
+            where[id(r)] = "top center" if len(ranked) == 1 else \
+                ("middle right" if i % 2 == 0 else "middle left")
+    return where
 
 
 def figure(rows: list[dict], title: str = "every 4-bit format: perplexity vs bits/param"):
