@@ -120,18 +120,32 @@ def to_state(result: dict, quant_type: str = "nf4", blocksize: int = 64,
     return packed, state
 
 
+class _Captured(Exception):
+    """Raised by :func:`calibrate`'s hook once every named layer has its inputs: the rest of
+    the forward pass would not change them."""
+
+
 @torch.no_grad()
 def calibrate(model: torch.nn.Module, input_ids: torch.Tensor, names: list[str]) -> dict:
     """{name: float32 inputs (tokens, in_features)} of the named nn.Linear layers on one
-    forward pass of ``input_ids``."""
+    forward pass of ``input_ids``. The pass stops as soon as the last of them has its inputs
+    (the layers after it cannot change them), so calibrating an early layer costs a few blocks,
+    not the whole model."""
     captured, hooks = {}, []
     modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no module called {missing[0]!r} in the model")
     for name in names:
         def hook(module, args, _name=name):
             captured[_name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if len(captured) == len(set(names)):
+                raise _Captured
         hooks.append(modules[name].register_forward_pre_hook(hook))
     try:
         model(input_ids)
+    except _Captured:
+        pass
     finally:
         for h in hooks:
             h.remove()

@@ -1,8 +1,10 @@
 """q4lab.quality: what a 4-bit format does to a real causal LM, as plain functions (no widgets).
 
-One float model is kept; :func:`quantized` requantizes it in place with ``q4lab.quantize_model``
-(the native kernel, ``q4lab.Linear4bit``) for one :class:`LabConfig` and puts every original
-``nn.Linear`` back on exit, so each configuration starts from the same float weights.
+One float model is kept; :func:`quantized` requantizes it in place for one :class:`LabConfig`
+and puts every original layer back on exit, so each configuration starts from the same float
+weights. Every format of ``q4lab.quant_types`` with a quantizer can be chosen: NF4 / FP4 / INT4
+become ``q4lab.Linear4bit`` (``q4lab.quantize_model``, the native kernel); MXFP4, NVFP4, Q4_0
+and Q4_1 replace each weight by its float32 round trip (``q4lab.landscape.round_tripped``).
 
 - :func:`perplexity`: exp(mean negative log-likelihood) of a token sequence, every token after the
   first scored once. Method: ONE forward pass when the sequence fits the window (default: the
@@ -10,7 +12,10 @@ One float model is kept; :func:`quantized` requantizes it in place with ``q4lab.
   longer sequences slide the window of the transformers guide "Perplexity of fixed-length models"
   (end moved by ``stride``, each window scoring only the tokens the previous one did not). Logits
   are cast to float32 before the log-softmax; the sum is accumulated in float64.
-- :func:`evaluate`: perplexity, bits/param and bytes from the stored bytes (``q4lab.report``, which
+- :func:`log_probs` / :func:`agreement`: next-token log-probabilities from one forward pass, and
+  against the source model's: KL divergence, top-1 agreement, perplexity.
+- :func:`evaluate`: perplexity (and KL / top-1 given the source's log-probabilities), bits/param
+  and bytes from the stored bytes (``q4lab.report``, which
   sums ``q4lab.storage_bytes``: packed codes + absmax + nested absmax + offset), a short greedy
   continuation and timings, for one configuration or the float model.
 - :func:`sensitivity`: perplexity change when ONE layer (a layer kind at one depth) is quantized
@@ -35,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant_types
 from .reference import BLOCKSIZES
-from .reference.api import check_blocksize, check_quant_type
 
 LAYER_CHOICES = ("attention", "mlp", "all")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -52,24 +57,35 @@ _MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "
 
 @dataclass(frozen=True)
 class LabConfig:
-    """One choice in the quality lab: the 4-bit format (``quant_type`` nf4 / fp4 / int4,
-    ``blocksize`` 32-4096, ``double_quant``), which layers (``layers`` attention / mlp / all, and
-    ``lm_head`` on or off) and the ``compute_dtype`` of the 4-bit layers. Hashable: the lab caches
+    """One choice in the quality lab: the 4-bit format (``quant_type``: any format of
+    ``q4lab.quant_types`` with a quantizer; ``blocksize`` None = the format's own, 32-4096 for
+    nf4 / fp4 / int4; ``double_quant`` None = on for those three, which alone have it), which
+    layers (``layers`` attention / mlp / all, and ``lm_head`` on or off) and the
+    ``compute_dtype`` of the 4-bit layers (nf4 / fp4 / int4 run as ``q4lab.Linear4bit``; the
+    other formats by float32 weight round trip, so float32 only). Hashable: the lab caches
     results by config."""
 
     quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
+    blocksize: int | None = None
+    double_quant: bool | None = None
     layers: str = "all"
     lm_head: bool = False
     compute_dtype: str = "float32"
 
     def __post_init__(self):
-        check_quant_type(self.quant_type)
-        object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
+        qt = quant_types.get(self.quant_type)
+        if not qt.can_quantize:
+            raise ValueError(f"quant_type={self.quant_type!r} has no quantizer in q4lab "
+                             f"(dequantize only); use one of {quant_types.QUANTIZABLE}")
+        object.__setattr__(self, "blocksize", qt.check_blocksize(self.blocksize))
+        if self.double_quant is None:
+            object.__setattr__(self, "double_quant", qt.family == "bnb")
         for field in ("double_quant", "lm_head"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if self.double_quant and qt.family != "bnb":
+            raise ValueError(f"quant_type={self.quant_type!r} has no double quantization "
+                             f"({qt.block_scale}); pass double_quant=False or leave it unset")
         if self.layers not in LAYER_CHOICES:
             raise ValueError(f"layers={self.layers!r} is unknown; use one of {LAYER_CHOICES}")
         dtype = self.compute_dtype
@@ -78,7 +94,16 @@ class LabConfig:
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r} is not one of "
                              f"{COMPUTE_DTYPES}")
+        if dtype != "float32" and qt.family != "bnb":
+            raise ValueError(f"compute_dtype={dtype!r}: {self.quant_type} is measured by float32 "
+                             f"weight round trip (q4lab.Linear4bit runs nf4 / fp4 / int4 only); "
+                             f"use compute_dtype='float32'")
         object.__setattr__(self, "compute_dtype", dtype)
+
+    @property
+    def family(self) -> str:
+        """The format's family in ``q4lab.quant_types``: "bnb", "mx" or "gguf"."""
+        return quant_types.family(self.quant_type)
 
     @property
     def label(self) -> str:
@@ -170,10 +195,20 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @contextmanager
 def quantized(model: nn.Module, cfg: LabConfig, names=None):
-    """``with quantized(model, cfg) as m:`` -- ``model`` with the layers ``cfg`` selects (or exactly
-    ``names``) replaced by ``q4lab.Linear4bit`` through ``q4lab.quantize_model`` (native kernel,
-    no progress bar); on exit, even after an error, every original ``nn.Linear`` object is put
-    back, so ``model`` is the same float model again."""
+    """``with quantized(model, cfg) as m:`` -- ``model`` with the layers ``cfg`` selects (or
+    exactly ``names``) in ``cfg``'s format; on exit, even after an error, every original layer
+    and weight is put back, so ``model`` is the same float model again. nf4 / fp4 / int4:
+    the layers become ``q4lab.Linear4bit`` through ``q4lab.quantize_model`` (native kernel, no
+    progress bar); the other formats (MXFP4, NVFP4, Q4_0, Q4_1, which Linear4bit does not run):
+    each weight is replaced by its float32 round trip (``q4lab.landscape.round_tripped``)."""
+    with _quantized(model, cfg, names) as (m, _info):
+        yield m
+
+
+@contextmanager
+def _quantized(model: nn.Module, cfg: LabConfig, names=None):
+    """:func:`quantized` yielding ``(model, info)``: ``info`` is ``round_tripped``'s bytes for a
+    round-tripped format, None for ``Linear4bit`` layers (``q4lab.report`` counts those)."""
     from . import Q4Config, quantize_model
 
     if not isinstance(cfg, LabConfig):
@@ -187,6 +222,13 @@ def quantized(model: nn.Module, cfg: LabConfig, names=None):
     if not chosen:
         raise ValueError(f"layers={cfg.layers!r} selects no linear layer of "
                          f"{type(model).__name__}")
+    if cfg.family != "bnb":
+        from .landscape import FormatSpec, round_tripped
+
+        spec = FormatSpec(cfg.quant_type, cfg.blocksize, cfg.double_quant)
+        with round_tripped(model, spec, chosen) as info:
+            yield model, info
+        return
     keep = tuple(sorted(known - set(chosen)))
     originals = {r["name"]: model.get_submodule(r["name"]) for r in rows}
     q4cfg = Q4Config(quant_type=cfg.quant_type, blocksize=cfg.blocksize,
@@ -195,7 +237,7 @@ def quantized(model: nn.Module, cfg: LabConfig, names=None):
                       min_numel=0)
     try:
         quantize_model(model, q4cfg, progress=False)
-        yield model
+        yield model, None
     finally:
         for name, module in originals.items():
             _set_submodule(model, name, module)
@@ -315,35 +357,80 @@ def continuation(model: nn.Module, tokenizer, prompt: str = PROMPT, new_tokens: 
 
 
 # ---- one configuration --------------------------------------------------------------------------
+@torch.no_grad()
+def log_probs(model: nn.Module, input_ids) -> torch.Tensor:
+    """Next-token log-probabilities (positions x vocab), float32, one forward pass."""
+    ids = _as_ids(input_ids)[None].to(next(model.parameters()).device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return F.log_softmax(logits, dim=-1).cpu()
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor, input_ids) -> dict:
+    """From next-token log-probabilities (:func:`log_probs`) of the source model
+    (``reference``) and a quantized one (``other``) on ``input_ids``: ``kl`` = KL(p_ref ||
+    p_other) summed over the vocabulary (float64), mean over positions; ``top1`` = the fraction
+    of positions whose most likely next token is the same; ``perplexity`` of ``other`` =
+    exp(mean NLL of the actual next tokens, float64)."""
+    ids = _as_ids(input_ids)
+    if reference.shape != other.shape or other.shape[0] != ids.numel() - 1:
+        raise ValueError(f"log-probabilities {tuple(reference.shape)} / {tuple(other.shape)} "
+                         f"do not match {ids.numel()} tokens (positions x vocab, one fewer "
+                         f"position than tokens)")
+    kl, positions = 0.0, other.shape[0]
+    for i in range(0, positions, 128):  # float64 in slices: a 1024 x 49152 slab would be 400 MB
+        ref, oth = reference[i:i + 128].double(), other[i:i + 128].double()
+        kl += float((ref.exp() * (ref - oth)).sum())
+    top1 = (reference.argmax(-1) == other.argmax(-1)).double().mean()
+    nll = -other.gather(1, ids[1:, None].to(other.device)).double().mean()
+    return {"kl": kl / positions, "top1": float(top1), "perplexity": math.exp(float(nll))}
+
+
 def evaluate(model: nn.Module, input_ids, cfg: LabConfig | None = None, tokenizer=None,
-             prompt: str = PROMPT, new_tokens: int = 12, params: int | None = None) -> dict:
+             prompt: str = PROMPT, new_tokens: int = 12, params: int | None = None,
+             reference: torch.Tensor | None = None) -> dict:
     """Quantize ``model`` with ``cfg`` (None: evaluate the float model as it is), measure, restore.
 
-    Returns ``label``, ``config`` (dict or None), ``perplexity``, ``tokens``, ``layers`` (how many
-    are 4-bit), ``quantized_params``, ``stored_bytes`` and ``bits_per_param`` of the 4-bit layers
-    (8 * stored bytes / their params; None for the float model), ``model_bytes`` (every distinct
-    parameter and buffer plus the 4-bit states, ``q4lab.report``) and ``model_bits_per_param``
-    (8 * model_bytes / ``params``, the float model's parameter count), ``continuation`` (needs
-    ``tokenizer``; "" with ``new_tokens=0``) and ``seconds`` per step."""
-    from .report import report
+    Returns ``label``, ``config`` (dict or None), ``family``, ``perplexity``, ``kl`` and
+    ``top1`` (:func:`agreement` with ``reference``, the float model's :func:`log_probs` on
+    ``input_ids``; None without one, or for a sequence longer than the model's window, which
+    :func:`perplexity` slides over), ``tokens``, ``layers`` (how many are 4-bit),
+    ``quantized_params``, ``stored_bytes`` and ``bits_per_param`` of the 4-bit layers (8 *
+    stored bytes / their params; None for the float model), ``model_bytes`` (every distinct
+    parameter and buffer plus the 4-bit states, ``q4lab.report``; a round-tripped format counts
+    its stored bytes, not its float32 stand-ins) and ``model_bits_per_param`` (8 * model_bytes /
+    ``params``, the float model's parameter count), ``continuation`` (needs ``tokenizer``; ""
+    with ``new_tokens=0``) and ``seconds`` per step. With ``cfg`` None and a ``reference``, the
+    reference is the measurement (no forward pass)."""
+    from .report import model_bytes, report
 
     ids = _as_ids(input_ids)
     params = count_params(model) if params is None else params
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    one_pass = reference is not None and (window is None or ids.numel() <= window)
     t0 = time.perf_counter()
-    ctx = quantized(model, cfg) if cfg is not None else _as_is(model)
-    with ctx as m:
+    ctx = _quantized(model, cfg) if cfg is not None else _as_is(model)
+    with ctx as (m, info):
         t1 = time.perf_counter()
-        ppl = perplexity(m, ids)
+        if one_pass:
+            lp = reference if cfg is None else log_probs(m, ids)
+            measured = agreement(reference, lp, ids)
+        else:
+            measured = {"perplexity": perplexity(m, ids), "kl": None, "top1": None}
         t2 = time.perf_counter()
         text = continuation(m, tokenizer, prompt, new_tokens) \
             if tokenizer is not None and new_tokens else ""
         t3 = time.perf_counter()
-        rep = report(m, note="")
-    total = rep.total
-    nbytes = rep.model_bytes["now"]
+        if info is None:
+            total = report(m, note="").total
+            nbytes = model_bytes(m)
+        else:  # round trip: the stored bytes stand for the float32 stand-ins
+            total = {"layers": info["layers"], "params": info["params"],
+                     "bytes_after": info["bytes"], "bits_per_param": info["bits_per_param"]}
+            nbytes = model_bytes(m) - info["float_bytes"] + info["bytes"]
     return {"label": cfg.label if cfg is not None else _float_label(model),
             "config": asdict(cfg) if cfg is not None else None,
-            "perplexity": ppl, "tokens": ids.numel(), "layers": total["layers"],
+            "family": cfg.family if cfg is not None else "float",
+            **measured, "tokens": ids.numel(), "layers": total["layers"],
             "quantized_params": total["params"], "stored_bytes": total["bytes_after"],
             "bits_per_param": total["bits_per_param"], "model_bytes": nbytes,
             "model_bits_per_param": 8.0 * nbytes / params, "continuation": text,
@@ -353,7 +440,7 @@ def evaluate(model: nn.Module, input_ids, cfg: LabConfig | None = None, tokenize
 
 @contextmanager
 def _as_is(model):
-    yield model
+    yield model, None
 
 
 def _float_label(model) -> str:
@@ -381,14 +468,72 @@ def _fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+class _FloatPrefix:
+    """The float outputs of a model's decoder blocks on one token sequence, recorded in one
+    forward pass, so that a pass in which only block ``d`` (or later) differs skips blocks
+    0..d-1 and returns their recorded outputs (a causal stack: nothing before block d can see
+    the change, so the result is bit for bit the full pass's). Enabled only where it is safe:
+    every layer with a depth sits in ONE ``nn.ModuleList`` and each block ran exactly once."""
+
+    def __init__(self, model: nn.Module, rows: list[dict]):
+        prefixes = {r["name"][:re.search(r"(?:^|\.)(\d+)\.", r["name"]).start(1)].rstrip(".")
+                    for r in rows}
+        blocks = model.get_submodule(prefixes.pop()) if len(prefixes) == 1 else None
+        self.blocks = blocks if isinstance(blocks, nn.ModuleList) else None
+        self.outputs: dict = {}
+
+    @contextmanager
+    def recording(self):
+        """Record each block's output during the float pass run inside the block."""
+        if self.blocks is None:
+            yield
+            return
+        calls: dict = {}
+
+        def hook(module, _args, output, _i=None):
+            calls.setdefault(module, []).append(output)
+
+        handles = [b.register_forward_hook(hook) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if all(len(calls.get(b, ())) == 1 for b in self.blocks):
+            self.outputs = {i: calls[b][0] for i, b in enumerate(self.blocks)}
+
+    @contextmanager
+    def skipping(self, depth: int):
+        """Blocks 0..depth-1 return their recorded float outputs (cloned) instead of running."""
+        skipped = list(range(depth)) if self.outputs else []
+        for i in skipped:
+            out = self.outputs[i]
+            self.blocks[i].forward = lambda *a, _o=out, **k: _clone(_o)
+        try:
+            yield
+        finally:
+            for i in skipped:
+                del self.blocks[i].forward
+
+
+def _clone(output):
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return type(output)(_clone(o) for o in output) if type(output) is tuple else output
+    return output
+
+
 def sensitivity(model: nn.Module, input_ids, cfg: LabConfig = LabConfig(), kinds=None,
                 depths=None, cache: dict | None = None, base: float | None = None,
-                progress: bool = True) -> Sensitivity:
+                progress: bool = True, reuse_prefix: bool = True) -> Sensitivity:
     """For every linear layer with a depth (``kinds`` / ``depths`` restrict the grid), quantize
     that layer ALONE with ``cfg``'s format (its ``layers`` / ``lm_head`` are ignored) and record
     perplexity minus the float model's. ``cache`` (a dict the caller keeps) holds finished cells
     keyed by model, tokens, format and layer; cells already there are not recomputed.
-    Shows a tqdm.auto progress bar over the cells still to compute."""
+    ``reuse_prefix``: a cell at depth d reuses the float outputs of blocks 0..d-1 from one
+    recorded float pass instead of recomputing them (the same numbers, bit for bit; about half
+    the work). Shows a tqdm.auto progress bar over the cells still to compute."""
     from tqdm.auto import tqdm
 
     ids = _as_ids(input_ids)
@@ -404,16 +549,17 @@ def sensitivity(model: nn.Module, input_ids, cfg: LabConfig = LabConfig(), kinds
     cache = {} if cache is None else cache
     fmt = (id(model), _fingerprint(ids), cfg.quant_type, cfg.blocksize, cfg.double_quant,
            cfg.compute_dtype)
-    if base is None:
-        base = cache.get((*fmt[:2], "float"))
-        if base is None:
-            base = cache[(*fmt[:2], "float")] = perplexity(model, ids)
     names = {(r["kind"], r["depth"]): r["name"] for r in rows}
     todo = [(k, d) for k in kinds for d in depths if (k, d) in names
             and (*fmt, k, d) not in cache]
+    prefix = _FloatPrefix(model, rows)
+    if todo and reuse_prefix or base is None and (*fmt[:2], "float") not in cache:
+        with prefix.recording() if todo and reuse_prefix else _as_is(model):
+            cache[(*fmt[:2], "float")] = perplexity(model, ids)
+    base = cache[(*fmt[:2], "float")] if base is None else base
     for k, d in tqdm(todo, desc=f"sensitivity ({cfg.label.split()[0]})", unit="layer",
                      disable=not progress):
-        with quantized(model, cfg, names=[names[(k, d)]]) as m:
+        with quantized(model, cfg, names=[names[(k, d)]]) as m, prefix.skipping(d):
             cache[(*fmt, k, d)] = perplexity(m, ids) - base
     delta = [[cache.get((*fmt, k, d)) if (k, d) in names else None for d in depths]
              for k in kinds]
@@ -439,5 +585,5 @@ def pareto_front(points) -> list[int]:
 
 __all__ = ["LabConfig", "PAPER_TABLE", "BLOCKSIZES", "LAYER_CHOICES", "COMPUTE_DTYPES", "PROMPT",
            "linear_layers", "select_layers", "count_params", "quantized", "default_text",
-           "text_tokens", "perplexity", "continuation", "evaluate", "Sensitivity", "sensitivity",
-           "pareto_front"]
+           "text_tokens", "perplexity", "continuation", "log_probs", "agreement", "evaluate",
+           "Sensitivity", "sensitivity", "pareto_front"]

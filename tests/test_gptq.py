@@ -76,3 +76,32 @@ def test_gptq_beats_rtn_on_smollm2_held_out(smollm2):
             e_gptq = gptq.output_error(w, result["weight"], test[name])
             e_rtn = gptq.output_error(w, rtn, test[name])
             assert e_gptq < 0.95 * e_rtn, (name, quant_type, e_gptq, e_rtn)
+
+
+def test_calibrate_stops_the_forward_with_the_same_inputs(smollm2):
+    """calibrate's early stop: the captured inputs equal those of a full forward pass, byte
+    for byte, and no block after the last named layer runs."""
+    from q4lab import quality
+
+    model, tokenizer = smollm2
+    ids = quality.text_tokens(tokenizer, tokens=32)
+    names = ["model.layers.2.mlp.down_proj", "model.layers.1.self_attn.k_proj"]
+    full, later_calls = {}, []
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(
+        lambda m, args, _n=n: full.__setitem__(_n, args[0].reshape(-1, args[0].shape[-1])))
+        for n in names]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    probe = model.model.layers[3].register_forward_pre_hook(lambda m, a: later_calls.append(1))
+    try:
+        got = gptq.calibrate(model, ids, names)
+    finally:
+        probe.remove()
+    assert later_calls == [], "the forward pass went on past the last named layer"
+    for n in names:
+        assert got[n].shape == full[n].shape and torch.equal(got[n], full[n].float()), n
+    with pytest.raises(ValueError, match="no module called"):
+        gptq.calibrate(model, ids, ["model.layers.99.mlp.down_proj"])

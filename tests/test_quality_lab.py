@@ -107,6 +107,60 @@ def test_labconfig_checks_and_labels():
     assert [c.label for c in Q.PAPER_TABLE] == ["INT4/64", "FP4/64", "NF4/64", "NF4+DQ/64"]
 
 
+def test_labconfig_takes_every_registry_format():
+    from q4lab import quant_types
+
+    for name in quant_types.QUANTIZABLE:
+        qt = quant_types.get(name)
+        cfg = Q.LabConfig(name)
+        assert (cfg.blocksize, cfg.double_quant) == (qt.default_blocksize, qt.family == "bnb")
+        assert cfg.family == qt.family and cfg.label.startswith(name.upper())
+    assert Q.LabConfig("mxfp4").label == "MXFP4/32" and Q.LabConfig("q4_1").label == "Q4_1/32"
+    for bad, match in (({"quant_type": "q4_k"}, "no quantizer"),
+                       ({"quant_type": "nvfp4", "blocksize": 32}, "fixed block of 16"),
+                       ({"quant_type": "mxfp4", "double_quant": True}, "no double quant"),
+                       ({"quant_type": "q4_0", "compute_dtype": "bfloat16"}, "round trip")):
+        with pytest.raises(ValueError, match=match):
+            Q.LabConfig(**bad)
+
+
+def test_the_lab_reads_the_registry():
+    """The codebook buttons and the landscape rows come from q4lab.quant_types: a format added
+    there (here a copy of NF4 under another name) appears in both; dequantize-only ones do not."""
+    from dataclasses import replace
+
+    from q4lab import landscape, quant_types
+    from q4lab.widgets.quality_lab import codebooks
+
+    assert [q for _, q in codebooks()] == list(quant_types.QUANTIZABLE)
+    assert "q4_k" not in [q for _, q in codebooks()] and len(codebooks()) >= 7
+    registry = {**quant_types.REGISTRY, "nf4x": replace(quant_types.REGISTRY["nf4"], name="nf4x")}
+    assert codebooks(registry)[-1] == ("NF4X", "nf4x")
+    specs = [s.label for s in landscape.registry_specs(quant_types.REGISTRY)]
+    assert specs == [s.label for s in landscape.LANDSCAPE]
+    assert {s.split("/")[0].split("+")[0].lower() for s in specs} == set(quant_types.QUANTIZABLE)
+    assert {"NF4+DQ/64", "NF4/256", "NVFP4/16", "Q4_0/32", "MXFP4/32"} <= set(specs)
+
+
+def test_agreement_by_hand():
+    """KL, top-1 and perplexity from log-probabilities, against torch's own kl_div and
+    cross_entropy on random logits (4 positions, 7 tokens)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g) * 2
+    ids = torch.tensor([[5, 1, 0, 6, 2]])
+    pa, pb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    got = Q.agreement(pa, pb, ids)
+    kl = F.kl_div(pb, pa, log_target=True, reduction="batchmean").item()
+    assert got["kl"] == pytest.approx(kl, rel=1e-6) and got["kl"] > 0
+    assert got["top1"] == (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert got["perplexity"] == pytest.approx(math.exp(F.cross_entropy(b, ids[0, 1:]).item()))
+    assert Q.agreement(pa, pa, ids) == {"kl": 0.0, "top1": 1.0,
+                                        "perplexity": pytest.approx(math.exp(
+                                            F.cross_entropy(a, ids[0, 1:]).item()))}
+    with pytest.raises(ValueError, match="do not match"):
+        Q.agreement(pa, pb[:3], ids)
+
+
 def test_default_text_is_the_apache_licence():
     text = Q.default_text()
     assert text.startswith("Apache License") and "Version 2.0, January 2004" in text[:200]
@@ -126,9 +180,12 @@ def lab():
 
 def scatter_points(fig) -> dict:
     """{label: (x, y)} of every history point in the scatter (the codebook traces)."""
+    from q4lab.widgets.quality_lab import trace_name
+
+    names = {trace_name(q) for q in q4lab.quant_types.QUANTIZABLE}
     out = {}
     for t in fig.data:
-        if t.name in ("NF4", "FP4", "INT4"):
+        if t.name in names:
             out.update({lab: (x, y) for lab, x, y in zip(t.text, t.x, t.y)})
     return out
 
@@ -234,6 +291,10 @@ def test_sensitivity_heatmap_is_computed_once(lab):
     assert s.computed == 4 and (s.kinds, s.depths) == (kinds, depths)
     again = lab.compute_sensitivity(kinds, depths, tokens=32, progress=False)
     assert again.computed == 0 and again.delta == s.delta
+    # reusing the float outputs of the blocks before a cell's depth changes no bit
+    full = Q.sensitivity(lab.model, lab.ids[:, :32], lab.config, kinds, depths, progress=False,
+                         reuse_prefix=False)
+    assert full.delta == s.delta and full.base == s.base
     heat = lab.sensitivity_fig.data[0]
     assert [list(r) for r in heat.z] == s.delta and list(heat.y) == kinds
     lo, hi = min(min(r) for r in s.delta), max(max(r) for r in s.delta)
@@ -268,3 +329,94 @@ def test_bad_input_is_refused(lab):
     with Q.quantized(lab.model, Q.LabConfig()) as m:
         with pytest.raises(ValueError, match="already 4-bit"):
             Q.linear_layers(m)
+
+
+@pytest.mark.slow
+def test_a_fixed_block_format_from_the_buttons(lab):
+    """Clicking MXFP4 moves the blocksize slider to its one block and turns double quant off;
+    clicking NF4 again brings NF4's own settings back (a cached point, not a new one)."""
+    lab.set(quant_type="nf4", blocksize=64, double_quant=True, layers="all", lm_head=False,
+            compute_dtype="float32")
+    n0 = len(lab.history)
+    lab.quant_type.value = "mxfp4"
+    assert lab.config == Q.LabConfig("mxfp4") and lab.current["label"] == "MXFP4/32"
+    assert tuple(lab.blocksize.options) == (32,) and lab.blocksize.disabled
+    assert lab.double_quant.value is False and lab.double_quant.disabled
+    assert lab.compute_dtype.disabled
+    assert 0 < lab.current["kl"] and 0 < lab.current["top1"] <= 1
+    assert "MXFP4" in {t.name for t in lab.fig.data}
+    lab.quant_type.value = "nf4"
+    assert lab.config == Q.LabConfig() and not lab.blocksize.disabled
+    assert len(lab.history) == n0 + 1  # MXFP4/32 is new, NF4+DQ/64 was cached
+    with pytest.raises(ValueError, match="no double quant"):
+        lab.set(quant_type="q4_0", double_quant=True)
+    assert lab.config == Q.LabConfig()
+
+
+@pytest.mark.slow
+def test_a_round_tripped_format_matches_an_independent_computation(lab):
+    """NVFP4 on the attention layers and the tied lm_head: a fresh float copy whose weights are
+    set by hand to their q4lab round trip, one forward pass, KL / top-1 / perplexity by torch's
+    own functions, bytes from the states; the lab's embedding stays float (lm_head is tied)."""
+    from q4lab import models
+
+    rec = lab.set(quant_type="nvfp4", layers="attention", lm_head=True)
+    fresh, _ = models.load_smollm2()
+    chosen = [r["name"] for r in Q.linear_layers(fresh)
+              if r["group"] in ("attention", "lm_head")]
+    stored, numel = 0, 0
+    with torch.no_grad():
+        ref_logits = fresh(lab.ids).logits[0, :-1].float()
+        fresh.lm_head.weight = nn.Parameter(fresh.lm_head.weight.detach().clone())  # untie
+        for name in chosen:
+            layer = fresh.get_submodule(name)
+            packed, state = q4lab.quantize_4bit(layer.weight.detach(), None, "nvfp4")
+            layer.weight.copy_(q4lab.dequantize_4bit(packed, state, torch.float32))
+            stored += sum(q4lab.storage_bytes(state).values())
+            numel += layer.weight.numel()
+        logits = fresh(lab.ids).logits[0, :-1].float()
+    lp, lq = F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1)
+    kl = F.kl_div(lq, lp, log_target=True, reduction="batchmean").item()
+    assert rec["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-7) and rec["kl"] > 0
+    assert rec["top1"] == (lp.argmax(-1) == lq.argmax(-1)).double().mean().item()
+    ppl = math.exp(F.cross_entropy(logits, lab.ids[0, 1:]).item())
+    assert rec["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    assert (rec["layers"], rec["stored_bytes"], rec["quantized_params"]) == (len(chosen), stored,
+                                                                            numel)
+    # the tied embedding stays float: only the untied attention weights leave the model
+    head = fresh.lm_head.weight.numel()
+    assert rec["model_bytes"] == lab.float_record["model_bytes"] - 4 * (numel - head) + stored
+    assert torch.equal(lab.model.lm_head.weight, lab.model.model.embed_tokens.weight)
+    again, _ = models.load_smollm2()
+    assert torch.equal(lab.model.model.embed_tokens.weight, again.model.embed_tokens.weight)
+
+
+@pytest.mark.slow
+def test_every_format_button(lab):
+    """"every format": one row per registry format (and the equal-bits partners) in one table
+    and one bits-vs-perplexity plot, KL and top-1 for each, and the layer kinds ranked."""
+    from q4lab import landscape, quant_types
+
+    lab.set(quant_type="nf4", blocksize=64, double_quant=True, layers="all", lm_head=False)
+    lab.landscape_button.click()
+    expected = [s.label for s in landscape.registry_specs()]
+    rows = lab.landscape_rows
+    assert [r["label"] for r in rows[1:]] == expected and rows[0] is lab.float_record
+    by = {r["label"]: r for r in rows}
+    assert {r["quant_type"] for r in (x["config"] for x in rows[1:])} == \
+        set(quant_types.QUANTIZABLE)
+    assert by["Q4_1/32"]["kl"] == 0.0 and by["Q4_1/32"]["top1"] == 1.0  # SmolLM2 is Q4_1
+    assert all(r["kl"] > 0 and 0 < r["top1"] <= 1 for r in rows[1:] if r["label"] != "Q4_1/32")
+    assert abs(by["NF4+DQ/64"]["bits_per_param"] - by["NF4/256"]["bits_per_param"]) < 0.01
+    assert by["MXFP4/32"]["bits_per_param"] == 4.25 and by["Q4_0/32"]["bits_per_param"] == 4.5
+    table = lab.table.value
+    assert table.count("<tr>") == 2 + len(expected) and "KL (nats)" in table
+    assert all(f"<td>{label}</td>" in table for label in expected)
+    plotted = [lbl for t in lab.landscape_fig.data if t.mode == "markers+text" for lbl in t.text]
+    assert sorted(plotted) == sorted(expected)
+    pairs = [t.name for t in lab.landscape_fig.data if t.name.startswith("equal bits")]
+    assert "equal bits: NF4+DQ/64 vs NF4/256" in pairs
+    kinds = lab.kind_sensitivity
+    assert len(kinds) == 7 and sum(k["layers"] for k in kinds) == 210
+    assert [k["kl"] for k in kinds] == sorted((k["kl"] for k in kinds), reverse=True)
+    assert kinds[0]["kind"] in lab.kinds_table.value
