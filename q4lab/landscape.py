@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import html
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,29 +30,8 @@ from tqdm.auto import tqdm
 
 from . import quant_types
 from .quality import agreement, log_probs
-from .state import storage_bytes
-
-
-@dataclass(frozen=True)
-class FormatSpec:
-    """One row of the landscape: a registry format with its blocksize and double quant."""
-
-    quant_type: str
-    blocksize: int | None = None
-    double_quant: bool | None = None
-
-    def __post_init__(self):
-        qt = quant_types.get(self.quant_type)
-        if not qt.can_quantize:
-            raise ValueError(f"{self.quant_type} has no quantizer in q4lab (dequantize only)")
-        object.__setattr__(self, "blocksize", qt.check_blocksize(self.blocksize))
-        if self.double_quant is None:
-            object.__setattr__(self, "double_quant", qt.family == "bnb")
-
-    @property
-    def label(self) -> str:
-        dq = "+DQ" if self.double_quant else ""
-        return f"{self.quant_type.upper()}{dq}/{self.blocksize}"
+from .round_trip import FormatSpec
+from .round_trip import round_tripped as _round_tripped
 
 
 #: Pairs stored in (nearly) the same number of bits, for like-for-like comparisons.
@@ -87,45 +65,11 @@ def linear_names(model: nn.Module, lm_head: bool = False) -> list[str]:
 @contextmanager
 def round_tripped(model: nn.Module, spec: FormatSpec, names: list[str] | None = None,
                   cache: dict | None = None):
-    """``with round_tripped(model, spec) as info:`` -- the named linear weights replaced by their
-    4-bit round trip; ``info`` = {"params", "bytes", "bits_per_param", "layers", "float_bytes"}
-    of those layers ("float_bytes": what the stand-in float32 weights occupy). Each layer gets a
-    new, frozen ``nn.Parameter``, so a weight tied to another module (SmolLM2's lm_head and
-    embedding) changes in that layer only. On exit (even after an error) every original
-    parameter object is put back. ``cache`` (a dict the caller keeps, for ONE model): round
-    trips by (spec, layer name), so a layer is quantized once however often it is used (the
-    comparison, then the sensitivity per layer kind)."""
-    from . import dequantize_4bit, quantize_4bit
-
-    names = linear_names(model) if names is None else list(names)
-    modules = dict(model.named_modules())
-    missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
-    if missing:
-        raise ValueError(f"no nn.Linear called {missing[0]!r} in the model")
-    originals, params, nbytes, float_bytes = {}, 0, 0, 0
-    try:
-        for name in names:
-            layer = modules[name]
-            w = layer.weight
-            hit = None if cache is None else cache.get((spec, name))
-            if hit is None:
-                packed, state = quantize_4bit(w.detach().float(), spec.blocksize,
-                                              spec.quant_type, double_quant=spec.double_quant)
-                out = dequantize_4bit(packed, state, torch.float32).to(w.dtype)
-                hit = (out, sum(storage_bytes(state).values()))
-                if cache is not None:
-                    cache[(spec, name)] = hit
-            originals[name] = w
-            layer.weight = nn.Parameter(hit[0], requires_grad=False)
-            params += w.numel()
-            nbytes += hit[1]
-            float_bytes += hit[0].numel() * hit[0].element_size()
-        yield {"params": params, "bytes": nbytes, "layers": len(originals),
-               "bits_per_param": 8.0 * nbytes / params if params else None,
-               "float_bytes": float_bytes}
-    finally:
-        for name, w in originals.items():
-            modules[name].weight = w
+    """``q4lab.round_trip.round_tripped`` over ``names``, by default every linear layer the
+    landscape quantizes (:func:`linear_names`)."""
+    with _round_tripped(model, spec, linear_names(model) if names is None else names,
+                        cache) as info:
+        yield info
 
 
 def measure(model: nn.Module, input_ids: torch.Tensor, spec: FormatSpec,

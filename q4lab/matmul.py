@@ -240,32 +240,34 @@ def decode_args(owner, packed, state) -> tuple:
     return cache.args
 
 
+def _sibling_group(module):
+    """The sibling group a layer belongs to (q4lab/decode_groups.py keeps it in the layer's
+    ``__dict__``), or None; looked up by key so that this module does not import that one."""
+    return module.__dict__.get("_q4lab_siblings")
+
+
 def drop_decode_cache(module) -> int:
     """Drop every cached decode layout under ``module`` (a model or a layer; sibling groups' stacked
     layouts too); returns the bytes freed. The next decode calls rebuild them lazily."""
-    from .decode_groups import group_of
-
     freed, groups = 0, {}
     for m in module.modules():
         cache = m.__dict__.pop(_CACHE_KEY, None)
         if cache is not None and cache.blocked is not None:
             freed += sum(t.numel() * t.element_size() for t in cache.blocked)
-        if group_of(m) is not None:
-            groups[id(group_of(m))] = group_of(m)
+        if _sibling_group(m) is not None:
+            groups[id(_sibling_group(m))] = _sibling_group(m)
     return freed + sum(g.drop() for g in groups.values())
 
 
 def decode_cache_bytes(module) -> int:
     """Bytes held by decode layout copies under ``module`` (sibling groups' included)."""
-    from .decode_groups import group_of
-
     total, groups = 0, {}
     for m in module.modules():
         cache = m.__dict__.get(_CACHE_KEY)
         if cache is not None and cache.blocked is not None:
             total += sum(t.numel() * t.element_size() for t in cache.blocked)
-        if group_of(m) is not None:
-            groups[id(group_of(m))] = group_of(m)
+        if _sibling_group(m) is not None:
+            groups[id(_sibling_group(m))] = _sibling_group(m)
     return total + sum(g.cache_bytes() for g in groups.values())
 
 

@@ -4,7 +4,7 @@ One float model is kept; :func:`quantized` requantizes it in place for one :clas
 and puts every original layer back on exit, so each configuration starts from the same float
 weights. Every format of ``q4lab.quant_types`` with a quantizer can be chosen: NF4 / FP4 / INT4
 become ``q4lab.Linear4bit`` (``q4lab.quantize_model``, the native kernel); MXFP4, NVFP4, Q4_0
-and Q4_1 replace each weight by its float32 round trip (``q4lab.landscape.round_tripped``).
+and Q4_1 replace each weight by its float32 round trip (``q4lab.round_trip.round_tripped``).
 
 - :func:`perplexity`: exp(mean negative log-likelihood) of a token sequence, every token after the
   first scored once. Method: ONE forward pass when the sequence fits the window (default: the
@@ -200,7 +200,7 @@ def quantized(model: nn.Module, cfg: LabConfig, names=None):
     and weight is put back, so ``model`` is the same float model again. nf4 / fp4 / int4:
     the layers become ``q4lab.Linear4bit`` through ``q4lab.quantize_model`` (native kernel, no
     progress bar); the other formats (MXFP4, NVFP4, Q4_0, Q4_1, which Linear4bit does not run):
-    each weight is replaced by its float32 round trip (``q4lab.landscape.round_tripped``)."""
+    each weight is replaced by its float32 round trip (``q4lab.round_trip.round_tripped``)."""
     with _quantized(model, cfg, names) as (m, _info):
         yield m
 
@@ -223,7 +223,7 @@ def _quantized(model: nn.Module, cfg: LabConfig, names=None):
         raise ValueError(f"layers={cfg.layers!r} selects no linear layer of "
                          f"{type(model).__name__}")
     if cfg.family != "bnb":
-        from .landscape import FormatSpec, round_tripped
+        from .round_trip import FormatSpec, round_tripped
 
         spec = FormatSpec(cfg.quant_type, cfg.blocksize, cfg.double_quant)
         with round_tripped(model, spec, chosen) as info:
