@@ -115,9 +115,9 @@ def outcome() -> dict:
 def test_compiled_equals_eager(outcome, grad, path, rows):
     """Every case (compute dtype float32/float16/bfloat16, bias or none, mixed input and bias
     dtypes) gives the eager bytes compiled; the path taken is the one named ("auto": fused for at
-    most FUSED_MAX_ROWS rows without autograd, dequantize otherwise)."""
+    most q4lab.matmul.fused_max_rows() rows without autograd, dequantize otherwise)."""
     fused_expected = path == "fused" or (
-        path == "auto" and not GRAD[grad] and rows <= q4lab.matmul.FUSED_MAX_ROWS)
+        path == "auto" and not GRAD[grad] and rows <= q4lab.matmul.fused_max_rows())
     found = []
     for case in CASES:
         fused, mismatch = outcome[grad, case, path, rows]

@@ -12,7 +12,7 @@ forward (``nn/modules.py::Linear4bit.forward`` -> ``functional.py::_convert_weig
 and rounds its absmax to bfloat16, so its logits then differ from its own ``dequantize_4bit``.
 ``helpers.exact_bnb`` (tests/helpers.py) turns that repacking off so bnb computes dequantize +
 matmul as on other CPUs; the test of that effect says how large it is. Inputs have more rows than
-q4lab's fused one-row path takes (q4lab.matmul.FUSED_MAX_ROWS), so both sides compute dequantize +
+q4lab's fused path takes (q4lab.matmul.fused_max_rows()), so both sides compute dequantize +
 F.linear.
 """
 from __future__ import annotations
