@@ -51,9 +51,9 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
         x = torch.randn(1, k).to(dtype)
         first = layers[0]
         expected = fused.matmul_4bit(x, first["packed"], first["state"], backend="reference")
-        for isa in fused.isas()[1:]:
-            # given the stored bytes, 'rows' runs the table form: time it on its decode layout
-            for layout in ("decode layout",) if isa == "rows" else ("stored",):
+        for isa in timed_forms():
+            # given the stored bytes, 'rows'/'permute' run the table form: time the decode layout
+            for layout in ("decode layout",) if isa in fused.DECODE_LAYOUT_FORMS else ("stored",):
                 got = torch.ops.q4lab.matmul_4bit(x, *first[layout], None, isa)
                 assert_bytes_equal(expected, got, f"gemv {isa} {layout} {dtype}")
                 t = best(lambda x=x, layout=layout, isa=isa: [
@@ -66,7 +66,8 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
     # of codes each at 2 threads), called over and over
     packed, state = q4lab.quantize_4bit(torch.randn(1024, 1024), 64, "nf4", True)
     isa = fused.isas()[-1]
-    args = decode_layout_args(packed, state) if isa == "rows" else fused.kernel_args(packed, state)
+    args = decode_layout_args(packed, state) if isa in fused.DECODE_LAYOUT_FORMS \
+        else fused.kernel_args(packed, state)
     x = torch.randn(1, 1024)
     t = best(lambda: [torch.ops.q4lab.matmul_4bit(x, *args, None, isa) for _ in range(200)],
              passes) / 200
@@ -76,9 +77,16 @@ def gemv(bandwidth: float, passes: int = 5) -> dict:
     return out
 
 
+def timed_forms() -> list[str]:
+    """The CPU forms worth timing here: all but 'portable' (the slow literal form) and a 'permute'
+    that is not native (without AVX-512F it is the same source lowered lane by lane, for tests)."""
+    forms = fused.isas()
+    return [f for f in forms[1:] if f != "permute" or forms[-1] == "permute"]
+
+
 def decode_layout_args(packed, state) -> tuple:
-    """The op's weight arguments with the decode layout of the `rows` form (what Linear4bit caches
-    from its second decode call on)."""
+    """The op's weight arguments with the decode layout of the `rows`/`permute` forms (what
+    Linear4bit caches from its second decode call on)."""
     return fused.repack_rows(packed, state) + (None, None) + fused.kernel_args(packed, state)[4:]
 
 
@@ -91,8 +99,8 @@ def crossover(passes: int = 3, write: bool = False) -> dict:
     packed, state = q4lab.quantize_4bit(torch.randn(4096, 4096), 64, "nf4", True)
     table, measured = {}, {}
     rows_list = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-    for isa in fused.isas():
-        args = decode_layout_args(packed, state) if isa == "rows" else \
+    for isa in ["portable"] + timed_forms():
+        args = decode_layout_args(packed, state) if isa in fused.DECODE_LAYOUT_FORMS else \
             fused.kernel_args(packed, state)
         measured[isa] = {}
         rows_ok = 0

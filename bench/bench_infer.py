@@ -3,7 +3,8 @@
 decode, in one process (issue 21: GEMV toward the bandwidth limit; parts in bench/_infer_parts.py).
 
 Part 0 (issue 21): 12 distinct 4096x4096 NF4+DQ layers, one row, float32 and bf16, every CPU form
-of the kernel (the `rows` form on its decode layout), as a fraction of torch.sum's bandwidth,
+of the kernel (`rows`, AVX2, and `permute`, AVX-512F, on the decode layout; a `permute` that is not
+native here is not timed), as a fraction of torch.sum's bandwidth,
 beside the inner loop's in-cache ceiling; then the fused/dequantize crossover per form
 (``--write-crossover`` regenerates q4lab/_crossover.py, the committed table Linear4bit reads).
 
@@ -141,7 +142,7 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     results = {"validation_relative_error": errors, "layers_in_cycle": len(quantized),
                "packed_mib_in_cycle": n_weights / 2 / 2**20}
     timings = {}
-    for isa in fused.isas()[1:]:  # the portable form is the slow reference form: not timed here
+    for isa in parts.timed_forms():  # not the slow literal form, nor a permute not native here
         timings[f"q4lab fused ({isa})"] = cycle_time(
             quantized,
             lambda layer, isa=isa: fused._kernel(xs[layer[1].shape[1]], layer[0], layer[1], None,
@@ -150,14 +151,15 @@ def bench_layers(cycle_bytes: int, bandwidth: float) -> dict:
     timings["q4lab fused (auto)"] = cycle_time(
         quantized, lambda layer: q4lab.matmul_4bit(xs[layer[1].shape[1]], layer[0], layer[1]),
         passes=5)
-    rows_name = "q4lab fused (rows, decode layout: what Linear4bit decodes with)"
-    if "rows" in fused.isas():
+    form = fused.decode_form()
+    rows_name = f"q4lab fused ({form}, decode layout: what Linear4bit decodes with)"
+    if form is not None:
         decoded = [(xs[s.shape[1]], parts.decode_layout_args(p, s)) for p, s in quantized]
         assert_bytes_equal(q4lab.matmul_4bit(decoded[0][0], *quantized[0]),
-                           torch.ops.q4lab.matmul_4bit(decoded[0][0], *decoded[0][1], None, "rows"),
+                           torch.ops.q4lab.matmul_4bit(decoded[0][0], *decoded[0][1], None, form),
                            "decode layout")
         timings[rows_name] = cycle_time(
-            decoded, lambda d: torch.ops.q4lab.matmul_4bit(d[0], *d[1], None, "rows"), passes=5)
+            decoded, lambda d: torch.ops.q4lab.matmul_4bit(d[0], *d[1], None, form), passes=5)
         del decoded
     few = quantized[: max(len(SHAPES), len(quantized) // 4)]
     timings["dequantize + F.linear (q4lab before)"] = cycle_time(
@@ -399,7 +401,7 @@ def report_gemv(r: dict) -> None:
           f"{torch.get_num_threads()} threads, torch.sum {r['torch_sum_GBps']:.1f} GB/s, "
           f"load {os.getloadavg()[0]:.1f}")
     for name, ms in g["ms_per_layer"].items():
-        print(f"  {name:28s} {ms:7.3f} ms/layer = {100 * g['fraction_of_torch_sum'][name]:5.1f}% "
+        print(f"  {name:30s} {ms:7.3f} ms/layer = {100 * g['fraction_of_torch_sum'][name]:5.1f}% "
               f"of torch.sum's bandwidth")
     avx512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() \
         else False

@@ -74,15 +74,17 @@ def main() -> dict:
             compared += 1
             if msg is not None:
                 mismatches.append(f"case {case} {desc} isa={isa} threads={threads}: {msg}")
-        if "rows" in isas and state.shape[1] % state.blocksize == 0:
+        layout_forms = [f for f in isas if f in fused.DECODE_LAYOUT_FORMS]
+        if layout_forms and state.shape[1] % state.blocksize == 0:
             decode_args = fused.repack_rows(packed, state) + (None, None) + \
                 fused.kernel_args(packed, state)[4:]
-            msg = byte_mismatch(expected,
-                                torch.ops.q4lab.matmul_4bit(x, *decode_args, bias, "rows"))
-            compared += 1
-            if msg is not None:
-                mismatches.append(f"case {case} {desc} rows decode layout threads={threads}: "
-                                  f"{msg}")
+            for form in layout_forms:
+                msg = byte_mismatch(expected,
+                                    torch.ops.q4lab.matmul_4bit(x, *decode_args, bias, form))
+                compared += 1
+                if msg is not None:
+                    mismatches.append(f"case {case} {desc} {form} decode layout "
+                                      f"threads={threads}: {msg}")
     seconds = clock.stop()
     result = {"machine": machine(), "cases": args.cases, "seed": args.seed, "isas": isas,
               "comparisons": compared,

@@ -18,6 +18,9 @@
 //             place: the form for a weight seen once (an FSDP all-gather, a first call).
 //   rows      K % B == 0, AVX2, the decode layout (csrc/q4_matmul_rows.cpp): 32 output rows per
 //             step, byte-plane lookups with vpshufb; given the stored bytes it runs `table`.
+//   permute   K % B == 0, AVX-512F, the decode layout (csrc/q4_matmul_permute.cpp): 16 output rows
+//             per register, one vpermps per 16 products; built from the same source everywhere
+//             (slow without AVX-512: listed second there, so that 'auto' never picks it).
 // 'auto' is the last form listed by compiled_isas(). Nested absmax codes are decoded block by
 // block (the decode layout carries them decoded).
 #include <torch/library.h>
@@ -152,11 +155,16 @@ void table_rows(const MatmulPlan& p, const float* T, int64_t first, int64_t last
 }
 
 // ---- dispatch --------------------------------------------------------------------------------
-enum class Isa { kPortable, kTable, kRows };
+enum class Isa { kPortable, kTable, kRows, kPermute };
 
+// Every form compiled here, the one 'auto' picks last: permute where it is native, else rows
+// where AVX2 is, else table (a permute that is not native comes second, never last).
 std::vector<std::string> compiled_isas() {
-  std::vector<std::string> isas{"portable", "table"};
+  std::vector<std::string> isas{"portable"};
+  if (!permute_form_native()) isas.push_back("permute");
+  isas.push_back("table");
   if (rows_form_available()) isas.push_back("rows");
+  if (permute_form_native()) isas.push_back("permute");
   return isas;
 }
 
@@ -165,7 +173,8 @@ Isa parse_isa(c10::string_view name) {
   const std::string wanted = name == "auto" ? isas.back() : std::string(name);
   for (const auto& isa : isas)
     if (isa == wanted)
-      return wanted == "rows" ? Isa::kRows : wanted == "table" ? Isa::kTable : Isa::kPortable;
+      return wanted == "rows" ? Isa::kRows : wanted == "permute" ? Isa::kPermute
+             : wanted == "table" ? Isa::kTable : Isa::kPortable;
   std::string known;
   for (const auto& isa : isas) known += " " + isa;
   TORCH_CHECK(false, "q4lab: matmul_4bit isa='", std::string(name), "' is not available on this "
@@ -190,6 +199,7 @@ void split(int64_t n, int64_t grain, const F& f) {
 // The float32 rows y (M, N) without bias.
 void compute(const MatmulPlan& p, Isa isa, const float* x, int64_t M, float* y) {
   const bool fast = p.K % p.B == 0;  // every row has the same blocks (then K is even)
+  // On the stored bytes the forms of the decode layout run `table`.
   if (!fast || isa == Isa::kPortable) {
     split(p.N, 16, [&](int64_t first, int64_t last) {
       for (int64_t m = 0; m < M; ++m)
@@ -253,12 +263,14 @@ void matmul_4bit_out_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   at::Tensor y = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), xf.options());
   float* ys = y.data_ptr<float>();
   if (shape.rows) {
-    TORCH_CHECK(isa == Isa::kRows, "q4lab: the decode layout (q4lab.matmul.repack_rows) is read "
-                "by the 'rows' form only; pass isa='auto' or 'rows', or the stored bytes");
-    rows_compute(RowsArgs{packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), cb.value,
-                          xf.data_ptr<float>(), shape.M, shape.N, shape.K, blocksize,
-                          packed.size(1)},
-                 ys);
+    TORCH_CHECK(isa == Isa::kRows || isa == Isa::kPermute, "q4lab: the decode layout "
+                "(q4lab.matmul.repack_rows) is read by the 'rows' and 'permute' forms only; pass "
+                "isa='auto' (where it picks one of them), 'rows' or 'permute', or the stored bytes");
+    const RowsArgs args{packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), cb.value,
+                        xf.data_ptr<float>(), shape.M, shape.N, shape.K, blocksize,
+                        packed.size(1)};
+    if (isa == Isa::kRows) rows_compute(args, ys);
+    else permute_compute(args, ys);
   } else {
     const MatmulPlan p{packed.data_ptr<uint8_t>(), absmax_source(absmax, absmax2, offset), cb,
                        &q4_dynamic(), shape.N, shape.K, blocksize, log2b, blocksize / 2,

@@ -20,11 +20,7 @@
 //   absmax  float32 (K/B, 32G): the decoded absmax of row 32g + r in block b, 0 past N.
 // Position p of a 32-byte vector holds row row_of_position(p) so that after the unpacks register j
 // holds rows 8j .. 8j+7 in order (vpunpck works inside 128-bit lanes).
-#include <ATen/Parallel.h>
-#include <algorithm>
 #include <cstring>
-#include <vector>
-#include "q4_dtype.h"
 #include "q4_matmul_rows.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -43,8 +39,6 @@ namespace {
 
 constexpr int kPlaneBytes = 32;              // one 16-byte plane, twice (both 128-bit lanes)
 constexpr int kProductBytes = 4 * kPlaneBytes;  // the 4 byte planes of one k's 16 products
-// Layers below this many weights per thread run on fewer threads (a wake-up must pay off).
-constexpr int64_t kMinWeightsPerThread = 1 << 15;
 
 // The byte planes of RN(t[v] * x[k]) for k in [0, nk): T[k][plane][lane copy][v].
 inline void build_planes(const float* table, const float* x, int64_t nk, uint8_t* T) {
@@ -106,54 +100,24 @@ inline void group_block(const uint8_t* codes, int64_t C, const uint8_t* T, const
   }
 }
 
-// Groups [g0, g1) of every input row: blocks outer (a block's planes, B * 128 bytes per input row,
-// stay in L1 while the chunk's groups go by), groups inner. T: the planes of all M rows' K inputs.
-void rows_chunk(const RowsArgs& a, const uint8_t* T, int64_t g0, int64_t g1, float* acc) {
-  const int64_t C = a.B / 2, nb = a.K / a.B, G32 = a.G * 32, row_planes = a.K * kProductBytes;
-  for (int64_t m = 0; m < a.M; ++m)
-    std::fill(acc + m * G32 + 32 * g0, acc + m * G32 + 32 * g1, 0.0f);
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* block = a.packed + b * a.G * C * 32;
-    const float* am = a.absmax + b * G32;
-    const uint8_t* Tb = T + b * a.B * kProductBytes;
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t m = 0; m < a.M; ++m)
-        group_block(block + g * C * 32, C, Tb + m * row_planes, am + 32 * g,
-                    acc + m * G32 + 32 * g);
+struct RowsForm {
+  static constexpr int64_t kTableBytes = kProductBytes;
+  static void build(const float* table, const float* x, int64_t K, uint8_t* T) {
+    build_planes(table, x, K, T);
   }
-}
+  static void block(const uint8_t* codes, int64_t C, const uint8_t* T, const float* absmax,
+                    float* acc) {
+    group_block(codes, C, T, absmax, acc);
+  }
+  // After the unpacks the sums are in row order: a plain copy.
+  static void store(const float* acc, float* y, int64_t N) {
+    std::memcpy(y, acc, sizeof(float) * N);
+  }
+};
 
 }  // namespace
 
-void rows_compute(const RowsArgs& a, float* y) {
-  const int64_t G32 = a.G * 32;
-  // The planes of every input row, built once by the calling thread (K * 128 bytes per row) and
-  // read by all threads; the row sums, one per padded row. Buffers reused across calls.
-  thread_local std::vector<__m256i> planes_buffer;
-  thread_local std::vector<float> acc_buffer;
-  const size_t need = size_t(a.M * a.K * kProductBytes / 32);
-  if (planes_buffer.size() < need) planes_buffer.resize(need);
-  if ((int64_t)acc_buffer.size() < a.M * G32) acc_buffer.resize(a.M * G32);
-  uint8_t* T = reinterpret_cast<uint8_t*>(planes_buffer.data());
-  float* acc = acc_buffer.data();
-  for (int64_t m = 0; m < a.M; ++m)
-    build_planes(a.table, a.x + m * a.K, a.K, T + m * a.K * kProductBytes);
-  const int64_t weights = G32 * a.K * a.M;
-  const int64_t threads = at::get_num_threads();
-  if (weights < 2 * kMinWeightsPerThread || threads <= 1 || a.G < 4 ||
-      at::in_parallel_region()) {
-    rows_chunk(a, T, 0, a.G, acc);
-  } else {
-    // Two chunks of groups per thread, handed out one at a time (q4_parallel_chunks): a thread
-    // descheduled on a busy machine holds up a quarter of the layer, not half of it. Each chunk
-    // reads all K * 128 bytes of planes once per row of x (from L2/L3), against at least as many
-    // bytes of codes.
-    q4_parallel_chunks(a.G, std::max<int64_t>(2, (a.G + 2 * threads - 1) / (2 * threads)),
-                       [&](int64_t g0, int64_t g1) { rows_chunk(a, T, g0, g1, acc); });
-  }
-  for (int64_t m = 0; m < a.M; ++m)
-    std::memcpy(y + m * a.N, acc + m * G32, sizeof(float) * a.N);
-}
+void rows_compute(const RowsArgs& a, float* y) { groups_compute<RowsForm>(a, y); }
 #else
 bool rows_form_available() { return false; }
 void rows_compute(const RowsArgs&, float*) {}

@@ -15,8 +15,9 @@ which is faster there, and training keeps that path too, so its numbers are unch
 Gradients: d/dx = grad · Ŵ with the dequantized weight (the packed weight is frozen, as in QLoRA).
 
 Decode layout (``repack_rows``): the CPU ``rows`` form (AVX2) computes 32 output rows per step
-with byte shuffles, and wants the codes of those 32 rows for one byte column side by side, blocks
-outer; ``decode_args`` therefore keeps, per layer, a copy of the same bytes in that order (with the
+with byte shuffles, the ``permute`` form (AVX-512F) 16 rows per register with one ``vpermps`` per
+16 products; both want the codes of 32 rows for one byte column side by side, blocks outer;
+``decode_args`` therefore keeps, per layer, a copy of the same bytes in that order (with the
 absmax decoded to float32), lazily: built at the second decode call that sees the same packed
 tensor object (a new object, as an FSDP all-gather makes each forward, never gets one: no
 full-size copy outlives its forward), never for a tensor subclass (DTensor) or off the CPU, dropped
@@ -211,7 +212,7 @@ class _DecodeCache:
         self.repackable = (type(packed) in (torch.Tensor, torch.nn.Parameter)
                            and packed.device.type == "cpu"
                            and int(state.shape[1]) % int(state.blocksize) == 0
-                           and "rows" in isas())
+                           and decode_form() is not None)
 
     def matches(self, packed, state) -> bool:
         return (self.packed_ref() is packed and self.state_ref() is state
@@ -353,12 +354,25 @@ def linear_forward(x: torch.Tensor, packed, state, bias, args=None) -> torch.Ten
 
 
 def isas() -> list[str]:
-    """The CPU forms of the fused kernel compiled here ('portable', 'table', and 'rows' where the
-    build has AVX2); 'auto' uses the last. All give the same bytes (tests/test_matmul.py)."""
+    """The CPU forms of the fused kernel compiled here: 'portable', 'table', 'permute' (native
+    where the build has AVX-512F, elsewhere the same source lowered lane by lane, slow), and 'rows'
+    where the build has AVX2; 'auto' uses the last. All give the same bytes
+    (tests/test_matmul.py)."""
     if ops.kernel_status("cpu") is not True:
         return []
     register_fake()
     return list(torch.ops.q4lab.matmul_4bit_isas())
+
+
+#: The CPU forms that read the decode layout (``repack_rows``) besides the stored bytes.
+DECODE_LAYOUT_FORMS = ("rows", "permute")
+
+
+def decode_form() -> str | None:
+    """The form 'auto' runs on the decode layout here ('permute' on AVX-512F, 'rows' on AVX2), or
+    None where 'auto' is a form of the stored bytes only (then no decode layout is built)."""
+    forms = isas()
+    return forms[-1] if forms and forms[-1] in DECODE_LAYOUT_FORMS else None
 
 
 _fake_registered = False

@@ -18,8 +18,9 @@ from q4lab.nn import Linear4bit
 from q4lab.testing import assert_bytes_equal
 
 needs_cpu_kernels = pytest.mark.skipif(
-    ops.kernel_status("cpu") is not True or "rows" not in fused.isas(),
-    reason=f"C++ kernels or their AVX2 `rows` form unavailable: {ops.kernel_status('cpu')}")
+    ops.kernel_status("cpu") is not True or fused.decode_form() is None,
+    reason=f"C++ kernels or a form of the decode layout (AVX2 `rows`, AVX-512F `permute`) "
+           f"unavailable: {ops.kernel_status('cpu')}")
 
 
 def layer(n=48, k=256, seed=0):
@@ -144,7 +145,7 @@ def test_a_decode_layout_of_the_wrong_shape_or_form_is_refused():
     with pytest.raises(RuntimeError, match="absmax must be decoded float32"):
         torch.ops.q4lab.matmul_4bit(x, codes, absmax[:, :48].contiguous(), None, None, *tail,
                                     None, "auto")
-    with pytest.raises(RuntimeError, match="read by the 'rows' form only"):
+    with pytest.raises(RuntimeError, match="read by the 'rows' and 'permute' forms only"):
         torch.ops.q4lab.matmul_4bit(x, codes, absmax, None, None, *tail, None, "table")
     with pytest.raises(ValueError, match="in_features % blocksize"):
         fused.repack_rows(*q4lab.quantize_4bit(torch.randn(4, 96), 64))

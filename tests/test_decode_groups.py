@@ -14,8 +14,9 @@ from q4lab import ops
 from q4lab.testing import assert_bytes_equal
 
 needs_rows = pytest.mark.skipif(
-    ops.kernel_status("cpu") is not True or "rows" not in fused.isas(),
-    reason=f"C++ kernels or their AVX2 `rows` form unavailable: {ops.kernel_status('cpu')}")
+    ops.kernel_status("cpu") is not True or fused.decode_form() is None,
+    reason=f"C++ kernels or a form of the decode layout (AVX2 `rows`, AVX-512F `permute`) "
+           f"unavailable: {ops.kernel_status('cpu')}")
 
 
 class Block(nn.Module):

@@ -129,25 +129,45 @@ def test_every_isa_matches_the_reference_at_any_thread_count(threads):
                 got = fused._kernel(x, packed, state, bias, isa)
                 assert got.dtype == x.dtype
                 assert_bytes_equal(expected, got, f"{name} isa={isa} threads={threads}")
-            if "rows" in fused.isas() and state.shape[1] % state.blocksize == 0:
-                assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias),  # decode layout
-                                   f"{name} rows layout threads={threads}")
+            if state.shape[1] % state.blocksize == 0:
+                for form in _layout_forms():  # the decode layout
+                    assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias, form),
+                                       f"{name} {form} on the decode layout threads={threads}")
     finally:
         torch.set_num_threads(before)
 
 
-def _rows_kernel(x, packed, state, bias):
-    """The `rows` form on the decode layout (q4lab.matmul.repack_rows) instead of the stored bytes;
-    the bias in x's dtype, as Linear4bit passes it."""
+def _layout_forms():
+    """The forms compiled here that read the decode layout ('permute' everywhere, 'rows' with
+    AVX2)."""
+    return [f for f in fused.isas() if f in fused.DECODE_LAYOUT_FORMS]
+
+
+def _rows_kernel(x, packed, state, bias, form="rows"):
+    """A form on the decode layout (q4lab.matmul.repack_rows) instead of the stored bytes; the
+    bias in x's dtype, as Linear4bit passes it."""
     args = fused.repack_rows(packed, state) + (None, None) + fused.kernel_args(packed, state)[4:]
-    y = torch.ops.q4lab.matmul_4bit(x.reshape(-1, x.shape[-1]), *args, bias, "rows")
+    y = torch.ops.q4lab.matmul_4bit(x.reshape(-1, x.shape[-1]), *args, bias, form)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _cpu_flags() -> set[str]:
+    """This CPU's flags (the kernels are built with -march=native: avx512f there means AVX-512)."""
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 @needs_cpu_kernels
 def test_isas_are_listed_and_a_bad_isa_is_refused():
     isas = fused.isas()
-    assert isas[:2] == ["portable", "table"] and set(isas) <= {"portable", "table", "rows"}
+    assert isas[0] == "portable" and "table" in isas and "permute" in isas
+    assert set(isas) <= {"portable", "table", "rows", "permute"}
+    # 'auto' (the last) is never the permute form lowered lane by lane
+    native = "avx512f" in _cpu_flags()
+    assert isas[-1] == ("permute" if native else "rows" if "avx2" in _cpu_flags() else "table")
+    assert fused.decode_form() == (isas[-1] if isas[-1] in fused.DECODE_LAYOUT_FORMS else None)
     name, x, packed, state, bias = CASES[0]
     with pytest.raises(RuntimeError, match="isa='sse9' is not available"):
         fused._kernel(x, packed, state, bias, "sse9")
@@ -170,8 +190,10 @@ def test_kernels_match_reference_hypothesis(n, k, blocksize, quant_type, double_
     assert expected.shape == (rows, n)
     for isa in fused.isas():
         assert_bytes_equal(expected, fused._kernel(x, packed, state, bias, isa), f"isa={isa}")
-    if "rows" in fused.isas() and k % blocksize == 0:
-        assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias), "rows layout")
+    if k % blocksize == 0:
+        for form in _layout_forms():
+            assert_bytes_equal(expected, _rows_kernel(x, packed, state, bias, form),
+                               f"{form} on the decode layout")
 
 
 @needs_cpu_kernels
