@@ -167,8 +167,6 @@ def _smollm2_cache_dir() -> Path:
 def _convert_smollm2(target: Path) -> None:
     """Parse the GGUF once (transformers' GGUF integration) and save it as float32 safetensors
     plus tokenizer files; written to a temporary directory, then renamed into place."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"q4lab: converting {SMOLLM2_GGUF} to safetensors, first time only (~1 min) -> {target}")
@@ -176,24 +174,31 @@ def _convert_smollm2(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF,
                                                  dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    tmp.chmod(0o755)
+    _save_float_copy(model, tokenizer, target)
+
+
+def _save_float_copy(model, tokenizer, target: Path) -> None:
+    """Write ``model`` (float safetensors, config, generation config) and ``tokenizer`` as the
+    directory ``target``, all at once or not at all; if another process wrote ``target`` first,
+    keep its copy."""
     from safetensors.torch import save_model
 
-    config = copy.deepcopy(model.config)  # transformers refuses save_pretrained on GGUF models
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied: once
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first: keep its copy
-        import shutil
+    from .formats.atomic import write_directory
 
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        # built in a temporary directory beside it and renamed into place (formats/atomic.py): a
+        # full disk or an interrupt leaves nothing half-written behind
+        with write_directory(target, overwrite=False) as stage:
+            config = copy.deepcopy(model.config)  # transformers refuses save_pretrained on GGUF
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(stage)
+            model.generation_config.save_pretrained(stage)
+            save_model(model, str(stage / "model.safetensors"), metadata={"format": "pt"})  # tied
+            tokenizer.save_pretrained(stage)
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "config.json").is_file():
+            raise
 
 
 @functools.lru_cache(maxsize=2)

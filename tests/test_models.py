@@ -173,3 +173,34 @@ def test_smollm2_quantized_in_one_call_still_answers():
     whole = rep.model_bytes["before"] / rep.model_bytes["now"]
     assert 3.1 < whole < 3.3 and f"({whole:.2f}x" in rep.summary() and "7.75x" in rep.summary()
     assert "Q4_1" in rep.note and "Q4_1" in str(rep) and "Q4_1" in rep._repr_html_()
+
+
+
+def test_smollm2_float_copy_is_written_all_at_once_or_not_at_all(tmp_path, monkeypatch):
+    """The float copy of the GGUF (q4lab.models._save_float_copy, kept in $Q4LAB_CACHE) goes
+    through q4lab/formats/atomic.py: a failure while writing (a full disk) leaves nothing behind,
+    and a copy that another process finished first is kept. A tiny real Llama and MiniLM's real
+    tokenizer stand in for the 45 s GGUF parse."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import safetensors.torch
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64))
+    tokenizer = AutoTokenizer.from_pretrained(str(models.minilm_path()))
+    target = tmp_path / "cache" / "smollm2-x"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_model", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            models._save_float_copy(model, tokenizer, target)
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    models._save_float_copy(model, tokenizer, target)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= \
+        {p.name for p in target.iterdir()}
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    models._save_float_copy(model, tokenizer, target)  # another process finished first
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert (target / "model.safetensors").stat().st_mtime_ns == first
