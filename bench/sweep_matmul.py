@@ -1,7 +1,8 @@
 """A large randomized sweep of the fused matmul: every compiled CPU form of ``torch.ops.q4lab.
 matmul_4bit`` (portable, table, rows, permute; rows and permute on the stored bytes and on their
-decode layout ``q4lab.matmul.repack_rows``) against the NumPy spec ``q4lab.reference.matmul_4bit``, byte for
-byte, at 1 and 2 threads (docs/format.md §12-§16, order pair-chain-v2).
+decode layout ``q4lab.matmul.repack_rows``) against the NumPy spec
+``q4lab.reference.matmul_4bit``, byte for byte, at 1 and 2 threads (docs/format.md §12-§16,
+order pair-chain-v2).
 
 Each case draws a shape (rows N 1-80, columns K 1-320 with a bias toward multiples of 32, where the
 fast forms run; one case in 20 a layer of 64-320 rows by 64-2048 columns, large enough that the
