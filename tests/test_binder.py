@@ -13,9 +13,6 @@ the slow check runs the command's install part verbatim into a fresh venv and im
 venv's Python, every module the notebooks import and every third-party module q4lab itself imports
 (lazily or not), and asks ``q4lab.models.available()`` for both models.
 
-The venv (fixture ``first_command_venv``, tests/conftest.py) is built in the background from the
-start of the session and these slow tests run last (tests/readme_venv.py says why).
-
 Why one Binder line is dropped: the PyTorch CPU index (download.pytorch.org) is unreachable from the
 CI and dev machines (only package registries are), and ``torch==2.13.0`` installs from the local
 wheel directory pip is configured with; every other line is used as written. Binder and the first
@@ -32,10 +29,11 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
-from readme_venv import ROOT, first_command_install_part, fresh_env
 
+ROOT = Path(__file__).resolve().parents[1]
 BINDER = ROOT / "binder"
 TORCH_CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
 NOTEBOOK = "01_why_4_bits_and_codebooks.ipynb"
@@ -44,6 +42,45 @@ NOTEBOOK = "01_why_4_bits_and_codebooks.ipynb"
 def requirement_lines() -> list[str]:
     lines = (BINDER / "requirements.txt").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def pip_cache_dir() -> str:
+    """pip's ordinary cache of the real user (the slow tests change HOME for Jupyter's config)."""
+    return os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip")
+
+
+def fresh_env(venv: Path) -> dict:
+    """Environment for commands in a fresh venv: its bin first on PATH, nothing of the test venv;
+    the user's caches (pip, built kernels, converted SmolLM2) stay where they are even when a test
+    moves HOME."""
+    home_cache = Path.home() / ".cache"
+    env = dict(os.environ, PIP_CACHE_DIR=pip_cache_dir(), HF_HUB_OFFLINE="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(home_cache / "torch_extensions")),
+               Q4LAB_CACHE=os.environ.get("Q4LAB_CACHE", str(home_cache / "q4lab")))
+    for key in ("PYTHONPATH", "JUPYTER_PATH", "PYTHONHOME"):
+        env.pop(key, None)
+    outer = os.environ.get("VIRTUAL_ENV")
+    path = [p for p in env["PATH"].split(os.pathsep)
+            if not (outer and Path(p).resolve() == (Path(outer) / "bin").resolve())]
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
+    env["VIRTUAL_ENV"] = str(venv)
+    return env
+
+
+def readme_bash_blocks() -> list[str]:
+    """The README's ```bash blocks, in order (block 1: set up and open JupyterLab; 2: the tests)."""
+    text = (ROOT / "README.md").read_text()
+    return [b.strip() for b in re.findall(r"^```bash\n(.*?)^```", text, re.DOTALL | re.MULTILINE)]
+
+
+def first_command_install_part() -> str:
+    """README's first command without its last step, ``jupyter lab notebooks/``."""
+    steps = [s.strip() for s in readme_bash_blocks()[0].split("&&")]
+    assert steps[-1].startswith("jupyter lab"), f"README's first command must end by opening " \
+        f"JupyterLab, got {steps[-1]!r}"
+    assert any("pip install" in s for s in steps[:-1]), steps
+    return " && ".join(steps[:-1])
 
 
 def notebook_imports() -> dict[str, set[str]]:
@@ -205,6 +242,19 @@ def test_binder_installs_what_the_first_command_installs():
     builds it once, stands for both (binder/requirements.txt is also pip-installed into it)."""
     assert first_command_specs() == binder_specs(), (first_command_specs(), binder_specs())
     assert "-e .[models]" in first_command_specs()
+
+
+@pytest.fixture(scope="module")
+def first_command_venv(tmp_path_factory):
+    """A fresh venv made by README's first command's install part, verbatim (its ``.venv`` moved to
+    a temporary directory)."""
+    venv = tmp_path_factory.mktemp("readme") / "venv"
+    command = first_command_install_part().replace(".venv", str(venv))
+    env = fresh_env(venv)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return venv
 
 
 @pytest.mark.slow
