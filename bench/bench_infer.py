@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import q4lab
-from q4lab import decode_groups
+from q4lab import _build, decode_groups
 from q4lab import matmul as fused
 from q4lab.testing import assert_bytes_equal
 
@@ -403,8 +403,7 @@ def report_gemv(r: dict) -> None:
     for name, ms in g["ms_per_layer"].items():
         print(f"  {name:30s} {ms:7.3f} ms/layer = {100 * g['fraction_of_torch_sum'][name]:5.1f}% "
               f"of torch.sum's bandwidth")
-    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() \
-        else False
+    avx512 = "avx512f" in _build.cpu_flags()
     best_form = max(g["fraction_of_torch_sum"].values())
     print(f"  best form: {100 * best_form:.1f}% of torch.sum "
           f"{target(best_form, 0.6 if avx512 else 0.4)} ({'AVX-512' if avx512 else 'AVX2-only'})")

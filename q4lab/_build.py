@@ -51,6 +51,13 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags as /proc/cpuinfo names them ('avx2', 'avx512f', ...; on
+    Arm its 'Features'); empty where there is no /proc/cpuinfo."""
+    line = _cpu_signature()
+    return set(line.split(":", 1)[1].split()) if line.startswith(("flags", "Features")) else set()
+
+
 def extension_name(src: Path, with_cuda: bool) -> str:
     """``q4lab_kernels_<hash>``: the hash covers every csrc file, the flags, torch and the CPU."""
     import torch

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import q4lab
-from q4lab import Linear4bit, ops, testing
+from q4lab import Linear4bit, _build, ops, testing
 from q4lab.formats import bnb as interop
 from q4lab import reference as ref
 from q4lab.constants import BNB_QUANT_TYPES, FP4_SIGN_BIT
@@ -32,11 +32,7 @@ CASES = [((96, 160), 64, True, torch.float32), ((33, 70), 32, False, torch.bfloa
 
 
 def avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
+    return "avx512f" in _build.cpu_flags()
 
 
 def bnb_cpu_path(in_features: int, blocksize: int) -> str:

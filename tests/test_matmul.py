@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import q4lab
 from q4lab import matmul as fused
-from q4lab import ops
+from q4lab import _build, ops
 from q4lab import reference as ref
 from q4lab.constants import BLOCKSIZES, QUANT_TYPES
 from q4lab.nn import Linear4bit
@@ -151,22 +151,14 @@ def _rows_kernel(x, packed, state, bias, form="rows"):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _cpu_flags() -> set[str]:
-    """This CPU's flags (the kernels are built with -march=native: avx512f there means AVX-512)."""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @needs_cpu_kernels
 def test_isas_are_listed_and_a_bad_isa_is_refused():
     isas = fused.isas()
     assert isas[0] == "portable" and "table" in isas and "permute" in isas
     assert set(isas) <= {"portable", "table", "rows", "permute"}
     # 'auto' (the last) is never the permute form lowered lane by lane
-    native = "avx512f" in _cpu_flags()
-    assert isas[-1] == ("permute" if native else "rows" if "avx2" in _cpu_flags() else "table")
+    flags = _build.cpu_flags()  # the kernels are built with -march=native
+    assert isas[-1] == ("permute" if "avx512f" in flags else "rows" if "avx2" in flags else "table")
     assert fused.decode_form() == (isas[-1] if isas[-1] in fused.DECODE_LAYOUT_FORMS else None)
     name, x, packed, state, bias = CASES[0]
     with pytest.raises(RuntimeError, match="isa='sse9' is not available"):

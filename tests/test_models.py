@@ -175,7 +175,6 @@ def test_smollm2_quantized_in_one_call_still_answers():
     assert "Q4_1" in rep.note and "Q4_1" in str(rep) and "Q4_1" in rep._repr_html_()
 
 
-
 def test_smollm2_float_copy_is_written_all_at_once_or_not_at_all(tmp_path, monkeypatch):
     """The float copy of the GGUF (q4lab.models._save_float_copy, kept in $Q4LAB_CACHE) goes
     through q4lab/formats/atomic.py: a failure while writing (a full disk) leaves nothing behind,
